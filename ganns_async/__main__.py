@@ -1,0 +1,4 @@
+from ganns_async.cli import main
+
+if __name__ == "__main__":
+    main()

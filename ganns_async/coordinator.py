@@ -1,0 +1,402 @@
+"""The coordinator: owns the model, publishes weights and work units, steps Adam.
+
+One asyncio loop. It wakes on ``ganns_gradients`` notifications, folds each new
+gradient into its step's running mean, and closes a step when all of its units have
+arrived (or after ``step_timeout`` with at least ``min_units``). Aggregation, Adam,
+encoding and checkpoint writing run on one compute thread, in order.
+
+Besides notifications, one periodic query runs: a safety sweep every ``sweep_s``
+seconds that returns units with expired leases to pending and picks up any gradient
+whose notification was lost while the listener reconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ganns_async import codec
+from ganns_async.data import ImageDataset
+from ganns_async.db import CONTROL_CHANNEL, GRADIENTS_CHANNEL, Database, Listener
+from ganns_async.errors import PayloadError, UserError
+from ganns_async.migrate import require_migrated
+from ganns_async.training import (
+    StepAccumulator,
+    TrainConfig,
+    Trainer,
+    generate,
+    gradient_spec,
+    plan_unit,
+    sample_noise,
+    split_result,
+)
+
+log = logging.getLogger("ganns_async.coordinator")
+
+CHECKPOINT_NAME = "checkpoint_latest.pth"
+
+
+@dataclass
+class CoordinatorOptions:
+    db_url: str
+    data: str
+    out: Path = Path("ganns-out")
+    max_steps: int | None = None
+    resume: bool = False
+    config: TrainConfig = field(default_factory=TrainConfig)
+    step_timeout: float = 300.0
+    min_units: int = 1
+    checkpoint_every: int = 10
+    sweep_s: float = 15.0
+
+
+@dataclass
+class CoordinatorStatus:
+    run_id: int | None = None
+    step: int = 0
+    epoch: int = 0
+    images_seen: int = 0
+    last_step_at: float = 0.0
+    stale_dropped: int = 0
+    rejected: int = 0
+    requeued: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Coordinator:
+    def __init__(self, opts: CoordinatorOptions, *, on_status: Callable[[CoordinatorStatus], None] | None = None) -> None:
+        self.opts = opts
+        self.on_status = on_status
+        self.status = CoordinatorStatus()
+        self.wake = asyncio.Event()
+        self.db: Database | None = None
+        self.listener: Listener | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+        self._pending_io: list[concurrent.futures.Future[Any]] = []
+        self.acc: dict[int, StepAccumulator] = {}
+        self.ready = asyncio.Event()  # test signal: run published, listening
+
+    def _notify(self, _channel: str, _payload: str) -> None:
+        self.wake.set()
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _event(self, kind: str, message: str) -> None:
+        assert self.db is not None
+        log.info("%s: %s", kind, message)
+        await self.db.execute("insert_event", self.run_id, kind, message)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> int:
+        opts = self.opts
+        self.dataset = await asyncio.to_thread(ImageDataset.open, opts.data)
+        opts.out.mkdir(parents=True, exist_ok=True)
+        self.db = await Database.open(opts.db_url)
+        finished = False
+        try:
+            await require_migrated(self.db)
+            self.listener = Listener(opts.db_url, [GRADIENTS_CHANNEL, CONTROL_CHANNEL], self._notify, self.wake.set)
+            await self.listener.start()
+            if opts.resume:
+                await self._resume()
+            else:
+                await self._start_new()
+            self.ready.set()
+            finished = await self._loop()
+        finally:
+            await self._shutdown(finished)
+        return 0
+
+    async def _shutdown(self, finished: bool) -> None:
+        for fut in self._pending_io:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(fut)
+        db = self.db
+        if db is not None and getattr(self, "run_id", None) is not None and not finished:
+            # Interrupted: pause the run so workers idle; `--resume` picks it up again.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(db.execute("set_run_status", self.run_id, "paused"), 5)
+                await asyncio.wait_for(db.execute(
+                    "insert_event", self.run_id, "coordinator",
+                    f"coordinator stopped at step {self.step}; continue with --resume"), 5)
+                log.info("run %s paused at step %s; continue with `ganns-async coordinator --resume`",
+                         self.run_id, self.step)
+        if self.listener is not None:
+            await self.listener.close()
+        if db is not None:
+            await db.close()
+        self._executor.shutdown(wait=True)
+        self.dataset.close()
+
+    async def _start_new(self) -> None:
+        assert self.db is not None
+        cfg = self.opts.config
+        self.cfg = cfg
+        old = await self.db.fetchrow("active_run")
+        if old is not None:
+            await self.db.execute("set_run_status", old["id"], "stopped")
+            log.info("run %s was still active: marked stopped (use --resume to continue a run)", old["id"])
+        run = await self.db.fetchrow("create_run", cfg.to_json(), self.dataset.fingerprint, len(self.dataset))
+        assert run is not None
+        self.run_id = run["id"]
+        self.trainer = Trainer(cfg)
+        self.step = 0
+        self.next_seq = 0
+        self.images_seen = 0
+        weights, optimizer = await self._in_thread(self._encode_state)
+        await self.db.execute("insert_weights", self.run_id, 0, weights, optimizer)
+        async with self.db.transaction() as tx:
+            await self._queue_units(tx, upto_step=self.cfg.max_staleness, version=0)
+            await tx.execute("advance_run", self.run_id, 0, self.next_seq, 0)
+        await self._event("run", f"run {self.run_id} started: {len(self.dataset)} images, "
+                                 f"{cfg.units_per_step} units x {cfg.unit_size} images per step")
+        self._step_opened = time.monotonic()
+        self._publish()
+
+    async def _resume(self) -> None:
+        assert self.db is not None
+        run = await self.db.fetchrow("latest_run")
+        if run is None:
+            raise UserError("nothing to resume: the database holds no run (start one without --resume)")
+        if run["status"] == "done":
+            raise UserError(f"run {run['id']} already finished at step {run['step']}; start a new run without --resume")
+        if run["dataset_fingerprint"] != self.dataset.fingerprint:
+            raise UserError(
+                f"cannot resume run {run['id']}: it trained on a different dataset "
+                f"(fingerprint {run['dataset_fingerprint']}, --data has {self.dataset.fingerprint})"
+            )
+        self.run_id = run["id"]
+        self.cfg = TrainConfig.from_mapping(_json(run["config"]))
+        self.trainer = Trainer(self.cfg)
+        self.step = run["step"]
+        self.next_seq = run["next_seq"]
+        self.images_seen = run["images_seen"]
+        row = await self.db.fetchrow("weights_with_optimizer", self.run_id, self.step)
+        if row is None:
+            raise UserError(f"cannot resume run {self.run_id}: weights version {self.step} is missing from the database")
+        await self._in_thread(self._load_state, row["payload"], row["optimizer"])
+        await self.db.execute("delete_unannounced_weights", self.run_id, self.step)
+        requeued = await self.db.fetch("requeue_lost_units", self.run_id, self.step)
+        async with self.db.transaction() as tx:
+            await self._queue_units(tx, upto_step=self.step + self.cfg.max_staleness, version=self.step)
+            await tx.execute("advance_run", self.run_id, self.step, self.next_seq, 0)
+            await tx.execute("set_run_status", self.run_id, "running")
+        await self._event("run", f"run {self.run_id} resumed at step {self.step} "
+                                 f"({len(requeued)} unit(s) queued again)")
+        self._step_opened = time.monotonic()
+        self._publish()
+
+    def _load_state(self, payload: bytes, optimizer: bytes | None) -> None:
+        tensors, _ = codec.decode_tensors(payload, expected=codec.tensor_spec(self.trainer.state()))
+        self.trainer.load_state(tensors)
+        if optimizer is not None:
+            opt_tensors, meta = codec.decode_tensors(optimizer)
+            self.trainer.load_optimizer_tensors(opt_tensors, meta)
+
+    def _encode_state(self) -> tuple[bytes, bytes]:
+        weights = codec.encode_tensors(self.trainer.state(), meta={"step": self.step})
+        opt_tensors, meta = self.trainer.optimizer_tensors()
+        return weights, codec.encode_tensors(opt_tensors, meta=meta)
+
+    async def _queue_units(self, tx: Any, *, upto_step: int, version: int) -> None:
+        """Create the units of every step up to ``upto_step`` that do not exist yet."""
+        cfg = self.cfg
+        if self.opts.max_steps is not None:
+            upto_step = min(upto_step, self.opts.max_steps - 1)
+        end_seq = (upto_step + 1) * cfg.units_per_step
+        units = []
+        for seq in range(self.next_seq, end_seq):
+            p = plan_unit(cfg, len(self.dataset), seq)
+            units.append({"seq": p.seq, "step": p.step, "version": version, "epoch": p.epoch,
+                          "indices": p.indices, "noise_seed": p.noise_seed})
+        if units:
+            await tx.execute("insert_units", self.run_id, json.dumps(units))
+            self.next_seq = end_seq
+
+    # --- the loop ----------------------------------------------------------------------
+
+    async def _loop(self) -> bool:
+        """Returns True when max_steps was reached."""
+        assert self.db is not None
+        next_sweep = time.monotonic() + self.opts.sweep_s
+        while True:
+            if self.opts.max_steps is not None and self.step >= self.opts.max_steps:
+                await self._finish()
+                return True
+            self.wake.clear()
+            await self._drain()
+            if await self._maybe_close_step():
+                continue
+            now = time.monotonic()
+            if now >= next_sweep:
+                await self._sweep()
+                next_sweep = now + self.opts.sweep_s
+                continue
+            deadline = self._step_opened + self.opts.step_timeout
+            timeout = max(0.05, min(next_sweep, deadline) - now)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout)
+
+    async def _sweep(self) -> None:
+        """The safety sweep: expired leases back to pending; lost notifications caught up by the next drain."""
+        assert self.db is not None
+        for row in await self.db.fetch("requeue_expired_leases", self.run_id):
+            self.status.requeued += 1
+            await self._event("requeue", f"unit {row['id']} (step {row['step']}) lease expired on "
+                                         f"{row['worker_name'] or 'a departed worker'}; back to pending")
+
+    async def _drain(self) -> None:
+        """Fold every stored gradient into its step's accumulator."""
+        assert self.db is not None
+        rows = await self.db.fetch("pending_gradients", self.run_id)
+        for row in rows:
+            await self._take(row)
+
+    async def _take(self, row: Any) -> None:
+        assert self.db is not None
+        who = row["worker_name"] or f"worker {row['worker_id']}"
+        staleness = row["step"] - row["version"]
+        if row["step"] < self.step or row["unit_state"] != "done" or staleness > self.cfg.max_staleness:
+            self.status.stale_dropped += 1
+            await self.db.execute("drop_gradient", row["id"], row["unit_id"])
+            await self._event("stale", f"dropped a gradient from {who} for closed step {row['step']} (unit {row['unit_id']})")
+            return
+        blob = await self.db.fetchval("gradient_payload", row["id"])
+        try:
+            if blob is None:
+                raise PayloadError("gradient row vanished")
+            result = await self._in_thread(self._decode_gradient, blob, row["n_samples"])
+        except PayloadError as exc:
+            self.status.rejected += 1
+            reason = str(exc)
+            await self.db.execute("reject_gradient", row["id"], row["unit_id"], self.run_id, row["worker_id"], reason)
+            await self._event("rejected", f"gradient from {who} for unit {row['unit_id']} rejected: {reason}")
+            return
+        acc = self.acc.get(row["step"])
+        if acc is None:
+            acc = self.acc[row["step"]] = StepAccumulator(row["step"])
+        acc.add(row["unit_id"], result, row["worker_id"])
+        await self.db.execute("consume_gradient", row["id"], row["unit_id"])
+
+    def _decode_gradient(self, blob: bytes, n_samples: int) -> Any:
+        tensors, meta = codec.decode_tensors(blob, expected=gradient_spec(self.trainer.g, self.trainer.d))
+        if meta.get("n_samples") != n_samples:
+            raise PayloadError(f"payload says {meta.get('n_samples')!r} samples, row says {n_samples}")
+        if n_samples > self.cfg.unit_size:
+            raise PayloadError(f"{n_samples} samples in a unit of {self.cfg.unit_size}")
+        metrics = meta.get("metrics") or {}
+        if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
+            raise PayloadError("metrics must be a map of numbers")
+        return split_result(tensors, self.trainer.g, self.trainer.d, n_samples, metrics)
+
+    async def _maybe_close_step(self) -> bool:
+        acc = self.acc.get(self.step)
+        arrived = len(acc.units) if acc else 0
+        if arrived >= self.cfg.units_per_step:
+            await self._close_step(acc, partial=False)
+            return True
+        overdue = time.monotonic() - self._step_opened >= self.opts.step_timeout
+        if overdue and acc is not None and arrived >= self.opts.min_units:
+            await self._close_step(acc, partial=True)
+            return True
+        return False
+
+    async def _close_step(self, acc: StepAccumulator | None, *, partial: bool) -> None:
+        assert self.db is not None and acc is not None
+        closed = self.step
+        if acc.n > 0:
+            await self._in_thread(self.trainer.apply, acc.mean_grads(), acc.mean_buffers())
+        self.step = closed + 1
+        self.images_seen += acc.n
+        weights, optimizer = await self._in_thread(self._encode_state)
+        # Heavy write first, in its own transaction; the light one below announces it.
+        await self.db.execute("insert_weights", self.run_id, self.step, weights, optimizer)
+        metrics = acc.metrics()
+        epoch = (self.step * self.cfg.units_per_step * self.cfg.unit_size - 1) // len(self.dataset)
+        async with self.db.transaction() as tx:
+            if partial:
+                await tx.execute("cancel_open_units", self.run_id, closed)
+            await tx.execute("retarget_pending_units", self.run_id, self.step)
+            await self._queue_units(tx, upto_step=self.step + self.cfg.max_staleness, version=self.step)
+            await tx.execute("advance_run", self.run_id, self.step, self.next_seq, acc.n)
+            await tx.execute(
+                "insert_metrics", self.run_id, self.step, epoch, acc.n, len(acc.units),
+                metrics.get("g_loss"), metrics.get("d_loss"), metrics.get("d_x"), metrics.get("d_g_z"), None,
+            )
+        del self.acc[closed]
+        keep_from = max(0, self.step - self.cfg.max_staleness - 1)
+        await self.db.execute("prune_weights", self.run_id, keep_from)
+        await self.db.execute("prune_optimizer_state", self.run_id, self.step)
+        await self.db.execute("prune_units", self.run_id, keep_from - 1)
+        self._step_opened = time.monotonic()
+        self.status.epoch = epoch
+        self.status.history.append({"step": self.step, **metrics})
+        if partial:
+            await self._event("step", f"step {closed} closed on its deadline with {len(acc.units)} unit(s)")
+        log.info("step %d: %d images from %d unit(s), %d worker(s); d_loss=%.3f g_loss=%.3f D(x)=%.3f D(G(z))=%.3f",
+                 self.step, acc.n, len(acc.units), len(acc.workers), metrics.get("d_loss", float("nan")),
+                 metrics.get("g_loss", float("nan")), metrics.get("d_x", float("nan")),
+                 metrics.get("d_g_z", float("nan")))
+        if self.step % self.opts.checkpoint_every == 0:
+            self._write_outputs()
+        self._publish()
+
+    def _publish(self) -> None:
+        self.status.run_id = self.run_id
+        self.status.step = self.step
+        self.status.images_seen = self.images_seen
+        self.status.last_step_at = time.time()
+        if self.on_status is not None:
+            self.on_status(self.status)
+
+    async def _finish(self) -> None:
+        assert self.db is not None
+        self._write_outputs()
+        for fut in self._pending_io:
+            await asyncio.wrap_future(fut)
+        self._pending_io.clear()
+        await self.db.execute("set_run_status", self.run_id, "done")
+        await self._event("run", f"run {self.run_id} finished at step {self.step}")
+        log.info("checkpoint: %s", self.opts.out / CHECKPOINT_NAME)
+
+    # --- outputs -----------------------------------------------------------------------
+
+    def _write_outputs(self) -> None:
+        """Queue a checkpoint and a sample grid on the compute thread (after this step's math)."""
+        fut = self._executor.submit(self._write_outputs_now, self.step, self.status.epoch, self.images_seen)
+        self._pending_io = [f for f in self._pending_io if not f.done()] + [fut]
+
+    def _write_outputs_now(self, step: int, epoch: int, images_seen: int) -> None:
+        from torchvision.utils import save_image
+
+        out = self.opts.out
+        ckpt = self.trainer.checkpoint(step=step, epoch=epoch, images_seen=images_seen,
+                                       extra={"run_id": int(self.run_id)})
+        tmp = out / (CHECKPOINT_NAME + ".tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, out / CHECKPOINT_NAME)
+        samples = out / "samples"
+        samples.mkdir(exist_ok=True)
+        images = generate(self.trainer.g, sample_noise(self.cfg.seed))
+        path = samples / f"step_{step:06d}.png"
+        tmp_png = samples / f".step_{step:06d}.png.tmp"
+        save_image((images + 1) / 2, str(tmp_png), nrow=8, padding=2, format="png")
+        os.replace(tmp_png, path)
+        log.info("wrote %s and %s", out / CHECKPOINT_NAME, path)
+
+
+def _json(value: Any) -> dict[str, Any]:
+    return json.loads(value) if isinstance(value, str) else dict(value)

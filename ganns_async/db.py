@@ -1,0 +1,282 @@
+"""The one module that talks to asyncpg.
+
+Everything else calls named queries from ``queries.sql`` through :class:`Database`,
+or listens through :class:`Listener`. Connection failures become one-line
+:class:`UserError` messages here, so no caller has to know asyncpg's exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import socket
+from collections.abc import AsyncIterator, Callable, Iterable
+from functools import cache
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from ganns_async.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Channels the schema's triggers notify (see sql/001_schema.sql).
+UNITS_CHANNEL = "ganns_units"
+GRADIENTS_CHANNEL = "ganns_gradients"
+CONTROL_CHANNEL = "ganns_control"
+WEIGHTS_CHANNEL = "ganns_weights"
+WORKERS_CHANNEL = "ganns_workers"
+
+CONNECT_TIMEOUT_S = 10.0
+
+# Errors that mean "the connection is gone": callers reconnect and retry.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+)
+
+_NAME_RE = re.compile(r"^--\s*name:\s*(\S+)\s*$", re.MULTILINE)
+
+
+@cache
+def queries() -> dict[str, str]:
+    """Parse ``queries.sql`` into ``{name: sql}`` once per process."""
+    text = resources.files("ganns_async").joinpath("queries.sql").read_text(encoding="utf-8")
+    parts = _NAME_RE.split(text)
+    found: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        sql = body.strip()
+        if name in found:
+            raise RuntimeError(f"queries.sql: duplicate query name {name!r}")
+        found[name] = sql
+    return found
+
+
+def describe_url(url: str) -> str:
+    """A URL without its password, fit to print."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    host = parts.hostname or ""
+    if not host:
+        q = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        host = q.get("host", "local socket")
+    port = f":{parts.port}" if parts.port else ""
+    user = f"{parts.username}@" if parts.username else ""
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+
+def _translate(url: str, exc: BaseException) -> UserError:
+    where = describe_url(url)
+    hint = "check --db / GANNS_DB_URL"
+    if isinstance(exc, asyncpg.exceptions.InvalidPasswordError):
+        return UserError(f"authentication failed for {where}: wrong user or password ({hint})")
+    if isinstance(exc, asyncpg.exceptions.InvalidAuthorizationSpecificationError):
+        return UserError(f"PostgreSQL refused the login for {where}: {exc} ({hint})")
+    if isinstance(exc, asyncpg.exceptions.InvalidCatalogNameError):
+        return UserError(f"database does not exist at {where}: create it (createdb) or {hint}")
+    if isinstance(exc, asyncpg.exceptions.ClientConfigurationError) or isinstance(exc, ValueError):
+        return UserError(f"bad database URL {where!s}: {exc} (expected postgresql://user:pass@host:5432/dbname)")
+    if isinstance(exc, socket.gaierror):
+        return UserError(f"cannot resolve the database host in {where}: {exc.strerror} ({hint})")
+    if isinstance(exc, (ConnectionRefusedError, FileNotFoundError)):
+        return UserError(f"cannot reach PostgreSQL at {where}: connection refused; is the server running? ({hint})")
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return UserError(f"cannot reach PostgreSQL at {where}: timed out after {CONNECT_TIMEOUT_S:.0f}s ({hint})")
+    if isinstance(exc, OSError):
+        return UserError(f"cannot reach PostgreSQL at {where}: {exc.strerror or exc} ({hint})")
+    if isinstance(exc, asyncpg.exceptions.PostgresError):
+        return UserError(f"PostgreSQL at {where} refused the connection: {exc}")
+    return UserError(f"cannot connect to {where}: {exc}")
+
+
+def _check_url(url: str) -> None:
+    if not url:
+        raise UserError("no database given: pass --db postgresql://user:pass@host:5432/dbname or set GANNS_DB_URL")
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in ("postgres", "postgresql"):
+        raise UserError(
+            f"bad database URL {describe_url(url)!s}: expected postgresql://user:pass@host:5432/dbname"
+        )
+
+
+async def connect(url: str) -> asyncpg.Connection:
+    """One connection, for listeners and migrations; errors become UserError."""
+    _check_url(url)
+    try:
+        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S)
+    except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - translated for the user
+        raise _translate(url, exc) from exc
+
+
+class Database:
+    """A small pool plus named queries. Only this class executes SQL."""
+
+    def __init__(self, pool: asyncpg.Pool, url: str) -> None:
+        self.pool = pool
+        self.url = url
+
+    @classmethod
+    async def open(cls, url: str, *, max_size: int = 4) -> "Database":
+        _check_url(url)
+        try:
+            pool = await asyncpg.create_pool(
+                url, min_size=1, max_size=max_size, timeout=CONNECT_TIMEOUT_S,
+                # Blobs are large; don't keep statement caches of them around.
+                max_cacheable_statement_size=1024 * 15,
+            )
+        except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001
+            raise _translate(url, exc) from exc
+        assert pool is not None
+        return cls(pool, url)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.pool.close(), 5)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator["Tx"]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield Tx(conn)
+
+    async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        return await self.pool.fetch(queries()[name], *args)
+
+    async def fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(queries()[name], *args)
+
+    async def fetchval(self, name: str, *args: Any) -> Any:
+        return await self.pool.fetchval(queries()[name], *args)
+
+    async def execute(self, name: str, *args: Any) -> str:
+        return await self.pool.execute(queries()[name], *args)
+
+
+class Tx:
+    """Named queries inside one transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        return await self.conn.fetch(queries()[name], *args)
+
+    async def fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
+        return await self.conn.fetchrow(queries()[name], *args)
+
+    async def fetchval(self, name: str, *args: Any) -> Any:
+        return await self.conn.fetchval(queries()[name], *args)
+
+    async def execute(self, name: str, *args: Any) -> str:
+        return await self.conn.execute(queries()[name], *args)
+
+    async def execute_script(self, sql: str) -> None:
+        """Run a whole migration file (it is the only SQL not in queries.sql)."""
+        await self.conn.execute(sql)
+
+
+def backoff_delays(base: float = 0.5, cap: float = 15.0) -> Iterable[float]:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**n))."""
+    n = 0
+    while True:
+        yield random.uniform(base / 2, min(cap, base * 2**n))
+        n += 1
+
+
+class Listener:
+    """LISTEN on a dedicated connection (a pooled one gets ``UNLISTEN *`` on release).
+
+    Notifications are hints: ``on_notify(channel, payload)`` runs for each one, and
+    ``on_reconnect()`` runs after every (re)connection because notifications sent while
+    we were away are lost, so the caller must re-query its tables. The connection is
+    pinged after ``ping_after`` seconds of silence so a dead socket is noticed.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        channels: Iterable[str],
+        on_notify: Callable[[str, str], None],
+        on_reconnect: Callable[[], None] | None = None,
+        *,
+        ping_after: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.channels = list(channels)
+        self.on_notify = on_notify
+        self.on_reconnect = on_reconnect
+        self.ping_after = ping_after
+        self.connected = asyncio.Event()  # test and UI signal
+        self.reconnects = 0
+        self._conn: asyncpg.Connection | None = None
+        self._lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect once (failing fast with a UserError), then keep listening in the background."""
+        await self._connect()
+        self._task = asyncio.create_task(self._run(), name="listener")
+
+    async def _connect(self) -> None:
+        conn = await connect(self.url)
+        self._lost.clear()
+        conn.add_termination_listener(lambda _c: self._lost.set())
+        for channel in self.channels:
+            await conn.add_listener(channel, self._dispatch)
+        self._conn = conn
+        self.connected.set()
+        if self.on_reconnect is not None:
+            self.on_reconnect()
+
+    def _dispatch(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
+        self.on_notify(channel, payload)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._lost.wait(), self.ping_after)
+            except asyncio.TimeoutError:
+                try:
+                    assert self._conn is not None
+                    await asyncio.wait_for(self._conn.execute("SELECT 1"), 10)
+                    continue
+                except CONNECTION_ERRORS:
+                    pass
+            self.connected.clear()
+            await self._drop()
+            for delay in backoff_delays():
+                log.warning("listener connection lost; reconnecting in %.1fs", delay)
+                await asyncio.sleep(delay)
+                try:
+                    await self._connect()
+                    self.reconnects += 1
+                    log.info("listener reconnected")
+                    break
+                except UserError:
+                    continue
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 2)
+            conn.terminate()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self._drop()

@@ -1,0 +1,113 @@
+"""``ganns-async demo``: the whole system on one machine, started and stopped by one command."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ganns_async.embedded import embedded_postgres
+from ganns_async.errors import UserError
+
+
+@dataclass
+class DemoOptions:
+    db_url: str | None = None
+    data: str | None = None
+    workers: int = 2
+    max_steps: int = 40
+    out: Path = Path("ganns-out")
+    synthetic_count: int = 2048
+    debug: bool = False
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def run_demo(opts: DemoOptions) -> None:
+    # Ctrl-C reaches the children too (same process group); SIGTERM to us should
+    # behave the same way, so turn it into KeyboardInterrupt.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    opts.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    if opts.db_url:
+        _run_cluster(opts, opts.db_url, started)
+        return
+    _say("starting an embedded PostgreSQL ...")
+    with embedded_postgres() as url:
+        _run_cluster(opts, url, started)
+
+
+def _run_cluster(opts: DemoOptions, url: str, started: float) -> None:
+    from ganns_async.migrate import migrate
+
+    applied = asyncio.run(migrate(url))
+    _say(f"database ready ({', '.join(applied) if applied else 'already migrated'})")
+    data = opts.data
+    if data is None:
+        from ganns_async.data import write_synthetic
+
+        target = opts.out / "data" / f"synthetic_celeba_{opts.synthetic_count}.zip"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _say(f"writing {opts.synthetic_count} synthetic faces to {target} ...")
+            write_synthetic(target, opts.synthetic_count)
+        data = str(target)
+    elif not Path(data).exists():
+        raise UserError(f"dataset not found: {data}")
+
+    # Each process gets an equal share of the cores, so they do not fight over them.
+    threads = max(1, (os.cpu_count() or 2) // max(1, opts.workers))
+    base = [sys.executable, "-m", "ganns_async"] + (["--debug"] if opts.debug else [])
+    env = {**os.environ, "GANNS_DB_URL": url, "GANNS_DATA": data, "GANNS_NO_TUI": "1"}
+    coordinator_cmd = base + ["coordinator", "--max-steps", str(opts.max_steps), "--out", str(opts.out),
+                              "--checkpoint-every", "5"]
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    try:
+        _say(f"starting the coordinator and {opts.workers} worker(s); training {opts.max_steps} steps")
+        coord = subprocess.Popen(coordinator_cmd, env=env)
+        procs.append(("coordinator", coord))
+        for i in range(opts.workers):
+            cmd = base + ["worker", "--name", f"demo-worker-{i + 1}", "--threads", str(threads)]
+            procs.append((f"worker {i + 1}", subprocess.Popen(cmd, env=env)))
+        while coord.poll() is None:
+            for name, proc in procs[1:]:
+                if proc.poll() is not None and proc.returncode != 0:
+                    raise UserError(f"{name} exited with code {proc.returncode}; see its messages above")
+            time.sleep(0.5)  # watching child processes, not the database
+        if coord.returncode != 0:
+            raise UserError(f"the coordinator exited with code {coord.returncode}; see its messages above")
+    except KeyboardInterrupt:
+        _say("interrupted; stopping every process ...")
+        _stop_all(procs)
+        raise
+    finally:
+        _stop_all(procs)
+    ckpt = opts.out / "checkpoint_latest.pth"
+    samples = sorted((opts.out / "samples").glob("step_*.png"))
+    _say(f"done in {time.monotonic() - started:.0f}s")
+    _say(f"checkpoint:   {ckpt.resolve()}")
+    if samples:
+        _say(f"sample grids: {samples[-1].parent.resolve()} (latest: {samples[-1].name})")
+
+
+def _stop_all(procs: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+    """SIGINT (workers give their unit back), then SIGKILL whatever is still running after 15 s."""
+    for _name, proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 15
+    for _name, proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,224 @@
+-- Every query ganns-async runs, by name. Loaded once by ganns_async/db.py;
+-- Python never builds SQL from strings. Schema: sql/NNN_*.sql.
+
+-- name: migrations_table_exists
+SELECT to_regclass('ganns_migrations') IS NOT NULL;
+
+-- name: applied_migrations
+SELECT name, checksum, applied_at FROM ganns_migrations ORDER BY name;
+
+-- name: record_migration_checksum
+UPDATE ganns_migrations SET checksum = $2 WHERE name = $1;
+
+-- name: lock_migrations
+-- Two `db migrate` at once must not interleave (released when the connection closes).
+SELECT pg_advisory_lock(7218455501);
+
+-- name: rollback
+-- After a migration file failed inside its own BEGIN.
+ROLLBACK;
+
+-- name: server_version
+SELECT current_setting('server_version');
+
+-- name: create_run
+INSERT INTO runs (config, dataset_fingerprint, dataset_size)
+VALUES ($1::jsonb, $2, $3)
+RETURNING *;
+
+-- name: get_run
+SELECT * FROM runs WHERE id = $1;
+
+-- name: latest_run
+SELECT * FROM runs ORDER BY id DESC LIMIT 1;
+
+-- name: active_run
+-- The run workers should join: the newest one that is not over.
+SELECT * FROM runs WHERE status IN ('running', 'paused') ORDER BY id DESC LIMIT 1;
+
+-- name: set_run_status
+UPDATE runs SET status = $2, updated_at = now() WHERE id = $1 RETURNING *;
+
+-- name: insert_weights
+INSERT INTO weights (run_id, version, payload, optimizer)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (run_id, version)
+DO UPDATE SET payload = EXCLUDED.payload, optimizer = EXCLUDED.optimizer, created_at = now();
+
+-- name: weights_payload
+SELECT payload FROM weights WHERE run_id = $1 AND version = $2;
+
+-- name: weights_with_optimizer
+SELECT payload, optimizer FROM weights WHERE run_id = $1 AND version = $2;
+
+-- name: advance_run
+-- Announces version $2 (the runs trigger notifies ganns_weights).
+UPDATE runs
+   SET step = $2, next_seq = $3, images_seen = images_seen + $4, updated_at = now()
+ WHERE id = $1;
+
+-- name: retarget_pending_units
+-- Units nobody has started yet are computed on the newest weights instead.
+UPDATE work_units SET version = $2
+ WHERE run_id = $1 AND state = 'pending' AND version < $2;
+
+-- name: insert_units
+-- One statement for the whole batch: the trigger sends one notification.
+INSERT INTO work_units (run_id, seq, step, version, epoch, indices, noise_seed)
+SELECT $1,
+       (u ->> 'seq')::bigint,
+       (u ->> 'step')::integer,
+       (u ->> 'version')::integer,
+       (u ->> 'epoch')::integer,
+       ARRAY(SELECT jsonb_array_elements_text(u -> 'indices')::integer),
+       (u ->> 'noise_seed')::bigint
+  FROM jsonb_array_elements($2::jsonb) AS u;
+
+-- name: insert_metrics
+INSERT INTO metrics (run_id, step, epoch, images, units, g_loss, d_loss, d_x, d_g_z, swd)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (run_id, step) DO UPDATE
+   SET epoch = EXCLUDED.epoch, images = EXCLUDED.images, units = EXCLUDED.units,
+       g_loss = EXCLUDED.g_loss, d_loss = EXCLUDED.d_loss, d_x = EXCLUDED.d_x,
+       d_g_z = EXCLUDED.d_g_z, swd = COALESCE(EXCLUDED.swd, metrics.swd);
+
+-- name: run_metrics
+SELECT * FROM metrics WHERE run_id = $1 ORDER BY step;
+
+-- name: prune_weights
+-- Keep only versions that live units may still need.
+DELETE FROM weights WHERE run_id = $1 AND version < $2;
+
+-- name: prune_optimizer_state
+-- Adam state is needed for the newest version only (resume).
+UPDATE weights SET optimizer = NULL
+ WHERE run_id = $1 AND version < $2 AND optimizer IS NOT NULL;
+
+-- name: prune_units
+DELETE FROM work_units
+ WHERE run_id = $1 AND step < $2 AND state IN ('used', 'cancelled');
+
+-- name: delete_unannounced_weights
+-- A crash between writing weights and announcing them leaves a version nobody uses.
+DELETE FROM weights WHERE run_id = $1 AND version > $2;
+
+-- name: requeue_lost_units
+-- On resume: gradients already folded into the lost in-memory sum ('used' units of
+-- open steps), and gradients lost with an unlogged table after a server crash, are
+-- recomputed. Units that are merely claimed keep their lease.
+UPDATE work_units AS u
+   SET state = 'pending', worker_id = NULL, lease_until = NULL
+ WHERE u.run_id = $1 AND u.step >= $2
+   AND (u.state = 'used'
+        OR (u.state = 'done' AND NOT EXISTS (SELECT 1 FROM gradients AS g WHERE g.unit_id = u.id)))
+RETURNING u.id;
+
+-- name: requeue_expired_leases
+-- A lease holder that is finishing right now holds the row lock: skip it, not wait.
+WITH expired AS (
+    SELECT id, worker_id FROM work_units
+     WHERE run_id = $1 AND state = 'claimed' AND lease_until < now()
+     FOR UPDATE SKIP LOCKED
+)
+UPDATE work_units AS u
+   SET state = 'pending', worker_id = NULL, lease_until = NULL
+  FROM expired AS e
+  LEFT JOIN workers AS w ON w.id = e.worker_id
+ WHERE u.id = e.id
+RETURNING u.id, u.step, e.worker_id, w.name AS worker_name;
+
+-- name: pending_gradients
+SELECT g.id, g.unit_id, g.worker_id, g.version, g.n_samples,
+       u.step, u.state AS unit_state, u.version AS unit_version, w.name AS worker_name
+  FROM gradients AS g
+  JOIN work_units AS u ON u.id = g.unit_id
+  LEFT JOIN workers AS w ON w.id = g.worker_id
+ WHERE g.run_id = $1
+ ORDER BY g.unit_id;
+
+-- name: gradient_payload
+SELECT payload FROM gradients WHERE id = $1;
+
+-- name: consume_gradient
+WITH gone AS (DELETE FROM gradients WHERE id = $1)
+UPDATE work_units SET state = 'used' WHERE id = $2;
+
+-- name: reject_gradient
+-- The unit goes back to pending (the update trigger wakes the workers).
+WITH gone AS (DELETE FROM gradients WHERE id = $1),
+     logged AS (INSERT INTO rejections (run_id, unit_id, worker_id, reason) VALUES ($3, $2, $4, $5))
+UPDATE work_units SET state = 'pending', worker_id = NULL, lease_until = NULL WHERE id = $2;
+
+-- name: drop_gradient
+-- Its step already closed: too stale to count.
+WITH gone AS (DELETE FROM gradients WHERE id = $1)
+UPDATE work_units SET state = 'cancelled' WHERE id = $2;
+
+-- name: cancel_open_units
+-- A step closed on its deadline: its missing units are no longer wanted.
+WITH cancelled AS (
+    UPDATE work_units SET state = 'cancelled', lease_until = NULL
+     WHERE run_id = $1 AND step = $2 AND state IN ('pending', 'claimed', 'done')
+    RETURNING id
+)
+DELETE FROM gradients WHERE unit_id IN (SELECT id FROM cancelled);
+
+-- name: unit_counts
+SELECT state, count(*) AS n FROM work_units WHERE run_id = $1 GROUP BY state;
+
+-- name: insert_event
+INSERT INTO events (run_id, kind, message) VALUES ($1, $2, $3);
+
+-- name: recent_events
+SELECT * FROM events WHERE run_id = $1 ORDER BY id DESC LIMIT $2;
+
+-- name: register_worker
+INSERT INTO workers (name, hostname, device, cpu_info, gpu_info)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING id;
+
+-- name: worker_heartbeat
+UPDATE workers SET last_seen = now(), state = $2, run_id = $3 WHERE id = $1;
+
+-- name: worker_offline
+UPDATE workers SET last_seen = now(), state = 'offline' WHERE id = $1;
+
+-- name: extend_lease
+UPDATE work_units SET lease_until = now() + make_interval(secs => $3)
+ WHERE id = $1 AND worker_id = $2 AND state = 'claimed'
+RETURNING id;
+
+-- name: claim_unit
+-- SKIP LOCKED: concurrent claimers never wait on, or double-claim, the same row.
+UPDATE work_units
+   SET state = 'claimed', worker_id = $2, lease_until = now() + make_interval(secs => $3),
+       claimed_at = now(), attempts = attempts + 1
+ WHERE id = (SELECT id FROM work_units
+              WHERE run_id = $1 AND state = 'pending'
+              ORDER BY id
+              LIMIT 1
+              FOR UPDATE SKIP LOCKED)
+   AND state = 'pending'
+RETURNING id, run_id, seq, step, version, epoch, indices, noise_seed;
+
+-- name: mark_unit_done
+-- Only the lease holder may finish a unit; a lost lease returns no row.
+UPDATE work_units SET state = 'done', done_at = now(), lease_until = NULL
+ WHERE id = $1 AND worker_id = $2 AND state = 'claimed'
+RETURNING run_id, version;
+
+-- name: insert_gradient
+INSERT INTO gradients (unit_id, run_id, worker_id, version, n_samples, payload)
+VALUES ($1, $2, $3, $4, $5, $6);
+
+-- name: credit_worker
+UPDATE workers
+   SET units_done = units_done + 1, images_done = images_done + $2, last_seen = now()
+ WHERE id = $1;
+
+-- name: release_unit
+UPDATE work_units SET state = 'pending', worker_id = NULL, lease_until = NULL
+ WHERE id = $1 AND worker_id = $2 AND state = 'claimed';
+
+-- name: workers_for_run
+SELECT * FROM workers WHERE run_id = $1 ORDER BY id;

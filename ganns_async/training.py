@@ -1,0 +1,377 @@
+"""GAN math shared by workers, the coordinator and the single-process trainer.
+
+A work unit is (image indices, noise seed, weights version). Everything it produces
+depends on the unit alone, so any worker - or ``train-local`` - computes the same
+gradient for it (bitwise on one machine and thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ganns_async.model import LATENT_DIM, Discriminator, Generator, build_models
+
+PREFIXES = ("G.", "D.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run's arithmetic; stored with the run as JSON."""
+
+    seed: int = 0
+    unit_size: int = 64  # images per work unit
+    units_per_step: int = 2  # units aggregated into one optimizer step
+    max_staleness: int = 1  # a gradient computed on version >= step - K still counts
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    grad_dtype: str = "fp32"  # "fp32" or "bf16" on the wire
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# --- the unit schedule -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    seq: int
+    step: int
+    epoch: int
+    indices: list[int]
+    noise_seed: int
+
+
+@lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Epoch ``epoch`` visits every image exactly once, in a seeded order."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, 0x5EED])))
+    return rng.permutation(n)
+
+
+def plan_unit(cfg: TrainConfig, dataset_size: int, seq: int) -> UnitPlan:
+    """Unit ``seq`` covers positions [seq*U, (seq+1)*U) of the endless epoch stream."""
+    start = seq * cfg.unit_size
+    indices: list[int] = []
+    for pos in range(start, start + cfg.unit_size):
+        epoch, offset = divmod(pos, dataset_size)
+        indices.append(int(epoch_permutation(cfg.seed, epoch, dataset_size)[offset]))
+    noise_seed = int(np.random.SeedSequence([cfg.seed, seq, 0x401E]).generate_state(1, np.uint64)[0] >> 1)
+    return UnitPlan(seq, seq // cfg.units_per_step, start // dataset_size, indices, noise_seed)
+
+
+def unit_noise(noise_seed: int, n: int) -> torch.Tensor:
+    """Latent vectors for a unit, drawn on the CPU so every device sees the same noise."""
+    gen = torch.Generator().manual_seed(noise_seed)
+    return torch.randn(n, LATENT_DIM, 1, 1, generator=gen)
+
+
+# --- one unit's gradients ----------------------------------------------------------
+
+
+@dataclass
+class UnitResult:
+    grads: dict[str, torch.Tensor]  # "G.main.0.weight" -> d loss_G / d param, "D...." from loss_D
+    buffers: dict[str, torch.Tensor]  # BatchNorm running statistics after this unit
+    n_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.grads, **self.buffers}
+
+
+def state_tensors(g: Generator, d: Discriminator) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of both nets, named ``G.<key>`` / ``D.<key>``."""
+    out = {f"G.{k}": v for k, v in g.state_dict().items()}
+    out.update({f"D.{k}": v for k, v in d.state_dict().items()})
+    return out
+
+
+def load_state_tensors(g: Generator, d: Discriminator, tensors: Mapping[str, torch.Tensor]) -> None:
+    g_sd = {k[2:]: v for k, v in tensors.items() if k.startswith("G.")}
+    d_sd = {k[2:]: v for k, v in tensors.items() if k.startswith("D.")}
+    g.load_state_dict(g_sd, strict=True)
+    d.load_state_dict(d_sd, strict=True)
+
+
+def buffer_names(g: Generator, d: Discriminator) -> list[str]:
+    return [f"G.{k}" for k, _ in g.named_buffers()] + [f"D.{k}" for k, _ in d.named_buffers()]
+
+
+def gradient_spec(g: Generator, d: Discriminator) -> dict[str, tuple[tuple[int, ...], str]]:
+    """What a worker's gradient payload must contain, for the codec's validation."""
+    spec: dict[str, tuple[tuple[int, ...], str]] = {}
+    for prefix, net in (("G.", g), ("D.", d)):
+        for k, p in net.named_parameters():
+            spec[prefix + k] = (tuple(p.shape), "float")
+        for k, b in net.named_buffers():
+            spec[prefix + k] = (tuple(b.shape), "int" if not b.is_floating_point() else "float")
+    return spec
+
+
+def compute_unit(
+    g: Generator,
+    d: Discriminator,
+    images: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    micro_batch: int | None = None,
+) -> UnitResult:
+    """Gradients of one unit, with the GAN math done right.
+
+    * D's gradient comes from D's loss only: real -> 1, ``G(z).detach()`` -> 0.
+    * G's gradient comes from the non-saturating loss ``D(G(z))`` -> 1, taken with
+      ``torch.autograd.grad`` over G's parameters only, so nothing leaks into D.
+    * BatchNorm running statistics move as in ordinary training; we return them and
+      restore the model's own, so the next unit on this version starts from the same state.
+
+    ``micro_batch`` splits the unit for small devices; the result is the sample-weighted
+    mean of the chunks (BatchNorm then sees smaller batches).
+    """
+    n = int(images.shape[0])
+    device = next(g.parameters()).device
+    g_params = [p for p in g.parameters()]
+    d_params = [p for p in d.parameters()]
+    g_names = [f"G.{k}" for k, _ in g.named_parameters()]
+    d_names = [f"D.{k}" for k, _ in d.named_parameters()]
+    saved = {k: b.detach().clone() for k, b in _named_buffers(g, d).items()}
+
+    sums = [torch.zeros_like(p, dtype=torch.float32) for p in g_params + d_params]
+    totals = {"d_loss": 0.0, "g_loss": 0.0, "d_x": 0.0, "d_g_z": 0.0}
+    g.train()
+    d.train()
+    chunk = n if not micro_batch or micro_batch <= 0 else micro_batch
+    try:
+        for start in range(0, n, chunk):
+            real = images[start : start + chunk].to(device, non_blocking=True)
+            z = noise[start : start + chunk].to(device, non_blocking=True)
+            m = int(real.shape[0])
+            ones = torch.ones(m, device=device)
+            zeros = torch.zeros(m, device=device)
+
+            fake = g(z)
+            d_real = d(real)
+            d_fake = d(fake.detach())
+            loss_d = F.binary_cross_entropy_with_logits(d_real, ones) + F.binary_cross_entropy_with_logits(d_fake, zeros)
+            grads_d = torch.autograd.grad(loss_d, d_params)
+
+            loss_g = F.binary_cross_entropy_with_logits(d(fake), ones)
+            grads_g = torch.autograd.grad(loss_g, g_params)
+
+            weight = m / n
+            for acc, grad in zip(sums, list(grads_g) + list(grads_d)):
+                acc.add_(grad.float(), alpha=weight)
+            totals["d_loss"] += loss_d.item() * weight
+            totals["g_loss"] += loss_g.item() * weight
+            totals["d_x"] += torch.sigmoid(d_real.detach()).mean().item() * weight
+            totals["d_g_z"] += torch.sigmoid(d_fake.detach()).mean().item() * weight
+        buffers = {k: b.detach().to("cpu", copy=True) for k, b in _named_buffers(g, d).items()}
+    finally:
+        with torch.no_grad():
+            for k, b in _named_buffers(g, d).items():
+                b.copy_(saved[k])
+
+    grads = {name: t.detach().cpu() for name, t in zip(g_names + d_names, sums)}
+    return UnitResult(grads, buffers, n, totals)
+
+
+def empty_result(g: Generator, d: Discriminator) -> UnitResult:
+    """A unit whose images were all unreadable: contributes zero samples."""
+    grads = {f"G.{k}": torch.zeros_like(p, device="cpu") for k, p in g.named_parameters()}
+    grads.update({f"D.{k}": torch.zeros_like(p, device="cpu") for k, p in d.named_parameters()})
+    buffers = {k: b.detach().to("cpu", copy=True) for k, b in _named_buffers(g, d).items()}
+    return UnitResult(grads, buffers, 0, {})
+
+
+def _named_buffers(g: Generator, d: Discriminator) -> dict[str, torch.Tensor]:
+    out = {f"G.{k}": b for k, b in g.named_buffers()}
+    out.update({f"D.{k}": b for k, b in d.named_buffers()})
+    return out
+
+
+def split_result(tensors: Mapping[str, torch.Tensor], g: Generator, d: Discriminator,
+                 n_samples: int, metrics: Mapping[str, float]) -> UnitResult:
+    """Inverse of ``UnitResult.tensors()`` for a decoded payload."""
+    bufs = set(buffer_names(g, d))
+    return UnitResult(
+        {k: v for k, v in tensors.items() if k not in bufs},
+        {k: v for k, v in tensors.items() if k in bufs},
+        n_samples,
+        dict(metrics),
+    )
+
+
+# --- aggregation and the optimizer step ------------------------------------------------
+
+
+class StepAccumulator:
+    """Sample-weighted running mean of one step's unit results.
+
+    Sums are kept in float64, so the order in which workers' gradients arrive does not
+    change the float32 result (for the equivalence of 1 worker, N workers and train-local).
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.units: set[int] = set()
+        self.n = 0
+        self.workers: set[int] = set()
+        self._grads: dict[str, torch.Tensor] = {}
+        self._bufs: dict[str, torch.Tensor] = {}
+        self._int_bufs: dict[str, torch.Tensor] = {}
+        self._metrics: dict[str, float] = {}
+
+    def add(self, unit_id: int, result: UnitResult, worker_id: int | None = None) -> None:
+        self.units.add(unit_id)
+        if worker_id is not None:
+            self.workers.add(worker_id)
+        w = result.n_samples
+        if w <= 0:
+            return
+        self.n += w
+        for k, v in result.grads.items():
+            acc = self._grads.get(k)
+            if acc is None:
+                self._grads[k] = v.double() * w
+            else:
+                acc.add_(v.double(), alpha=w)
+        for k, v in result.buffers.items():
+            if v.is_floating_point():
+                acc = self._bufs.get(k)
+                if acc is None:
+                    self._bufs[k] = v.double() * w
+                else:
+                    acc.add_(v.double(), alpha=w)
+            else:
+                prev = self._int_bufs.get(k)
+                self._int_bufs[k] = v.clone() if prev is None else torch.maximum(prev, v)
+        for k, v in result.metrics.items():
+            self._metrics[k] = self._metrics.get(k, 0.0) + float(v) * w
+
+    def mean_grads(self) -> dict[str, torch.Tensor]:
+        return {k: (v / self.n).float() for k, v in self._grads.items()}
+
+    def mean_buffers(self) -> dict[str, torch.Tensor]:
+        out = {k: (v / self.n).float() for k, v in self._bufs.items()}
+        out.update(self._int_bufs)
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        if self.n == 0:
+            return {}
+        return {k: v / self.n for k, v in self._metrics.items()}
+
+
+class Trainer:
+    """The coordinator's model: two Adam optimizers fed with aggregated gradients."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.g, self.d = build_models(cfg.seed)
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.lr, betas=betas)
+
+    def apply(self, grads: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]) -> None:
+        """One Adam step on G and D, then adopt the merged BatchNorm statistics."""
+        for prefix, net, opt in (("G.", self.g, self.opt_g), ("D.", self.d, self.opt_d)):
+            for k, p in net.named_parameters():
+                p.grad = grads[prefix + k].to(p.device, p.dtype).clone()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for k, b in net.named_buffers():
+                    if prefix + k in buffers:
+                        b.copy_(buffers[prefix + k])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return state_tensors(self.g, self.d)
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        load_state_tensors(self.g, self.d, tensors)
+
+    def optimizer_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Adam moments as named tensors plus per-parameter step counts (for --resume)."""
+        tensors: dict[str, torch.Tensor] = {}
+        steps: dict[str, float] = {}
+        for prefix, net, opt in (("G.", self.g, self.opt_g), ("D.", self.d, self.opt_d)):
+            for k, p in net.named_parameters():
+                st = opt.state.get(p)
+                if not st:
+                    continue
+                tensors[f"{prefix}{k}.exp_avg"] = st["exp_avg"]
+                tensors[f"{prefix}{k}.exp_avg_sq"] = st["exp_avg_sq"]
+                steps[prefix + k] = float(st["step"])
+        return tensors, {"steps": steps}
+
+    def load_optimizer_tensors(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        steps = meta.get("steps", {})
+        for prefix, net, opt in (("G.", self.g, self.opt_g), ("D.", self.d, self.opt_d)):
+            for k, p in net.named_parameters():
+                if prefix + k not in steps:
+                    continue
+                opt.state[p] = {
+                    "step": torch.tensor(float(steps[prefix + k])),
+                    "exp_avg": tensors[f"{prefix}{k}.exp_avg"].to(p.device).clone(),
+                    "exp_avg_sq": tensors[f"{prefix}{k}.exp_avg_sq"].to(p.device).clone(),
+                }
+
+    def optimizer_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        tensors, _ = self.optimizer_tensors()
+        return {k: (tuple(v.shape), "float") for k, v in tensors.items()}
+
+    def checkpoint(self, *, step: int, epoch: int, images_seen: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """A plain dict of tensors and numbers: loads with ``torch.load(weights_only=True)``."""
+        ckpt: dict[str, Any] = {
+            "generator_state_dict": {k: v.detach().cpu().clone() for k, v in self.g.state_dict().items()},
+            "discriminator_state_dict": {k: v.detach().cpu().clone() for k, v in self.d.state_dict().items()},
+            "optimizer_g_state_dict": self.opt_g.state_dict(),
+            "optimizer_d_state_dict": self.opt_d.state_dict(),
+            "step": int(step),
+            "epoch": int(epoch),
+            "images_seen": int(images_seen),
+            "config": dataclasses.asdict(self.cfg),
+        }
+        if extra:
+            ckpt.update(extra)
+        return ckpt
+
+
+def sample_noise(seed: int, n: int = 64) -> torch.Tensor:
+    """The fixed noise behind every sample grid of a run, so grids are comparable."""
+    return unit_noise(seed ^ 0x5A3D1E, n)
+
+
+def generate(g: Generator, noise: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] from ``g`` in eval mode (running BatchNorm statistics), as users sample."""
+    was_training = g.training
+    g.eval()
+    try:
+        with torch.no_grad():
+            return g(noise.to(next(g.parameters()).device)).cpu()
+    finally:
+        g.train(was_training)
+
+
+def is_finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
+
+
+def indices_for(seqs: Sequence[UnitPlan]) -> list[int]:
+    return [i for p in seqs for i in p.indices]

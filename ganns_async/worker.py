@@ -1,0 +1,335 @@
+"""The worker: wake on a notification, claim a unit, compute its gradients, store them.
+
+One asyncio loop. The loop only talks to PostgreSQL; image decoding, forward/backward
+passes and payload encoding run on one dedicated compute thread, so heartbeats and
+notifications keep flowing while a unit is computed.
+
+Work is driven by NOTIFY (``ganns_units``, ``ganns_control``, ``ganns_weights``). The only
+periodic traffic of an idle worker is its heartbeat (every ``heartbeat_s``) and a safety
+sweep (every ``sweep_s``) that looks for work once in case a notification was lost
+while the listener was reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import getpass
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ganns_async import codec
+from ganns_async.data import ImageDataset
+from ganns_async.db import (
+    CONNECTION_ERRORS,
+    CONTROL_CHANNEL,
+    UNITS_CHANNEL,
+    WEIGHTS_CHANNEL,
+    Database,
+    Listener,
+    backoff_delays,
+)
+from ganns_async.errors import UserError
+from ganns_async.hardware import cpu_info, gpu_info, pick_device
+from ganns_async.migrate import require_migrated
+from ganns_async.model import build_models
+from ganns_async.training import (
+    TrainConfig,
+    compute_unit,
+    empty_result,
+    load_state_tensors,
+    state_tensors,
+    unit_noise,
+)
+
+log = logging.getLogger("ganns_async.worker")
+
+
+@dataclass
+class WorkerOptions:
+    db_url: str
+    data: str
+    name: str | None = None
+    device: str = "auto"
+    batch_size: int | None = None  # micro-batch for small devices; None = whole unit
+    threads: int | None = None
+    lease_s: float = 60.0
+    heartbeat_s: float = 10.0
+    sweep_s: float = 30.0
+
+
+def default_name() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name in some containers
+        user = "worker"
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass
+class WorkerStatus:
+    """A snapshot for dashboards and log lines."""
+
+    name: str = ""
+    device: str = ""
+    connection: str = "connecting"
+    run_id: int | None = None
+    state: str = "idle"
+    unit_id: int | None = None
+    unit_step: int | None = None
+    units_done: int = 0
+    images_done: int = 0
+    images_per_s: float = 0.0
+    recent: deque[dict[str, float]] = field(default_factory=lambda: deque(maxlen=20))
+    message: str = ""
+
+
+class Worker:
+    def __init__(self, opts: WorkerOptions, *, on_status: Callable[[WorkerStatus], None] | None = None) -> None:
+        self.opts = opts
+        self.on_status = on_status
+        self.status = WorkerStatus(name=opts.name or default_name())
+        self.wake = asyncio.Event()
+        self.weights_published = asyncio.Event()
+        self.worker_id: int | None = None
+        self.db: Database | None = None
+        self.listener: Listener | None = None
+        self.dataset: ImageDataset | None = None
+        self._unit: Any = None  # the claimed unit's row, while we hold its lease
+        self._held: tuple[int, int] | None = None  # (run_id, version) loaded into the models
+        self._joined_run: int | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.ready = asyncio.Event()  # test signal: registered and listening
+
+    # --- plumbing --------------------------------------------------------------------
+
+    def _notify(self, channel: str, payload: str) -> None:
+        if channel == WEIGHTS_CHANNEL:
+            self.weights_published.set()
+        self.wake.set()
+
+    def _reconnected(self) -> None:
+        self.status.connection = "connected"
+        self.wake.set()
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _publish_status(self, **changes: Any) -> None:
+        for k, v in changes.items():
+            setattr(self.status, k, v)
+        if self.on_status is not None:
+            self.on_status(self.status)
+
+    async def _wait(self, timeout: float) -> None:
+        """Sleep until a notification, or the safety sweep interval, whichever is first."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), timeout)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> int:
+        opts = self.opts
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        self.device = pick_device(opts.device)
+        self.dataset = await asyncio.to_thread(ImageDataset.open, opts.data)
+        self.g, self.d = build_models(0)
+        self.g.to(self.device)
+        self.d.to(self.device)
+        self.spec_state = codec.tensor_spec(state_tensors(self.g, self.d))
+        self.db = await Database.open(opts.db_url, max_size=3)
+        try:
+            await require_migrated(self.db)
+            self.worker_id = await self.db.fetchval(
+                "register_worker", self.status.name, socket.gethostname(), str(self.device),
+                cpu_info(), gpu_info(self.device),
+            )
+            self._publish_status(device=str(self.device))
+            log.info("worker %s (#%s) on %s joined; dataset %d images (%s)", self.status.name,
+                     self.worker_id, self.device, len(self.dataset), self.dataset.fingerprint)
+            self.listener = Listener(opts.db_url, [UNITS_CHANNEL, CONTROL_CHANNEL, WEIGHTS_CHANNEL],
+                                     self._notify, self._reconnected)
+            await self.listener.start()
+            heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+            self.ready.set()
+            try:
+                await self._loop()
+            finally:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await heartbeat
+        finally:
+            await self._shutdown()
+        return 0
+
+    async def _shutdown(self) -> None:
+        """Give back a claimed unit at once (no lease to wait out) and say goodbye."""
+        db = self.db
+        if db is not None:
+            with contextlib.suppress(Exception):
+                if self._unit is not None and self.worker_id is not None:
+                    await asyncio.wait_for(db.execute("release_unit", self._unit["id"], self.worker_id), 5)
+                    log.info("released unit %s", self._unit["id"])
+                    self._unit = None
+            with contextlib.suppress(Exception):
+                if self.worker_id is not None:
+                    await asyncio.wait_for(db.execute("worker_offline", self.worker_id), 5)
+        if self.listener is not None:
+            await self.listener.close()
+        if db is not None:
+            await db.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.dataset is not None:
+            self.dataset.close()
+
+    async def _heartbeat(self) -> None:
+        assert self.db is not None
+        while True:
+            await asyncio.sleep(self.opts.heartbeat_s)
+            try:
+                await self.db.execute("worker_heartbeat", self.worker_id, self.status.state, self._joined_run)
+                unit = self._unit
+                if unit is not None:
+                    held = await self.db.fetchval("extend_lease", unit["id"], self.worker_id, self.opts.lease_s)
+                    if held is None:
+                        log.warning("lost the lease on unit %s (it will be recomputed elsewhere)", unit["id"])
+            except CONNECTION_ERRORS as exc:
+                log.warning("heartbeat failed: %s", exc)
+                self._publish_status(connection="reconnecting")
+
+    async def _loop(self) -> None:
+        delays = None
+        while True:
+            try:
+                await self._once()
+                delays = None
+            except CONNECTION_ERRORS as exc:
+                delays = delays or iter(backoff_delays())
+                delay = next(delays)
+                self._publish_status(connection="reconnecting")
+                log.warning("database unavailable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+
+    async def _once(self) -> None:
+        """Find work and do one unit of it, or wait for a notification."""
+        assert self.db is not None and self.dataset is not None
+        self.wake.clear()  # clear first: a notification arriving during the queries re-wakes us
+        run = await self.db.fetchrow("active_run")
+        self._publish_status(connection="connected")
+        if run is None:
+            if self.status.state != "waiting":
+                log.info("no active run yet; waiting for the coordinator")
+            self._publish_status(state="waiting", run_id=None)
+            await self._wait(self.opts.sweep_s)
+            return
+        if run["id"] != self._joined_run:
+            self._join(run)
+        if run["status"] != "running":
+            self._publish_status(state="paused")
+            await self._wait(self.opts.sweep_s)
+            return
+        unit = await self.db.fetchrow("claim_unit", run["id"], self.worker_id, self.opts.lease_s)
+        if unit is None:
+            self._publish_status(state="idle")
+            await self._wait(self.opts.sweep_s)
+            return
+        self._unit = unit
+        try:
+            await self._process(run, unit)
+        finally:
+            self._unit = None
+
+    def _join(self, run: Any) -> None:
+        assert self.dataset is not None
+        if run["dataset_fingerprint"] != self.dataset.fingerprint:
+            raise UserError(
+                f"refusing to join run {run['id']}: its dataset has {run['dataset_size']} images "
+                f"(fingerprint {run['dataset_fingerprint']}), but --data {self.opts.data} has "
+                f"{len(self.dataset)} (fingerprint {self.dataset.fingerprint}); use the same dataset as the coordinator"
+            )
+        self._joined_run = run["id"]
+        self._cfg = TrainConfig.from_mapping(_json(run["config"]))
+        log.info("joined run %s", run["id"])
+
+    async def _process(self, run: Any, unit: Any) -> None:
+        assert self.db is not None and self.dataset is not None
+        started = time.perf_counter()
+        self._publish_status(state="computing", unit_id=unit["id"], unit_step=unit["step"], run_id=run["id"])
+        await self.db.execute("worker_heartbeat", self.worker_id, "computing", run["id"])
+        if not await self._ensure_weights(run["id"], unit["version"]):
+            # The version is gone (pruned while we claimed): give the unit back and
+            # wait for the next published version instead of spinning on it.
+            await self.db.execute("release_unit", unit["id"], self.worker_id)
+            self.weights_published.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.weights_published.wait(), self.opts.sweep_s)
+            return
+        blob, n, bad, metrics = await self._in_thread(self._compute, list(unit["indices"]), unit["noise_seed"])
+        if bad:
+            log.warning("unit %s: skipped %d unreadable image(s): %s", unit["id"], len(bad), bad[:5])
+        self._publish_status(state="uploading")
+        async with self.db.transaction() as tx:
+            done = await tx.fetchrow("mark_unit_done", unit["id"], self.worker_id)
+            if done is None:
+                log.warning("unit %s was taken back before we finished (lease expired); result dropped", unit["id"])
+                return
+            await tx.execute("insert_gradient", unit["id"], run["id"], self.worker_id, unit["version"], n, blob)
+            await tx.execute("credit_worker", self.worker_id, n)
+        elapsed = time.perf_counter() - started
+        rate = n / elapsed if elapsed > 0 else 0.0
+        self.status.recent.append(metrics)
+        self._publish_status(
+            state="idle", unit_id=None, units_done=self.status.units_done + 1,
+            images_done=self.status.images_done + n, images_per_s=rate,
+        )
+        log.info("unit %s (step %s, v%s): %d images in %.2fs (%.1f img/s) d_loss=%.3f g_loss=%.3f",
+                 unit["id"], unit["step"], unit["version"], n, elapsed, rate,
+                 metrics.get("d_loss", float("nan")), metrics.get("g_loss", float("nan")))
+
+    async def _ensure_weights(self, run_id: int, version: int) -> bool:
+        """Fetch and load a weights version unless the models hold it already."""
+        assert self.db is not None
+        if self._held == (run_id, version):
+            return True
+        blob = await self.db.fetchval("weights_payload", run_id, version)
+        if blob is None:
+            return False
+        tensors, _meta = await self._in_thread(lambda: codec.decode_tensors(blob, expected=self.spec_state))
+        await self._in_thread(load_state_tensors, self.g, self.d, tensors)
+        self._held = (run_id, version)
+        return True
+
+    def _compute(self, indices: list[int], noise_seed: int) -> tuple[bytes, int, list[int], dict[str, float]]:
+        """Runs on the compute thread: load images, forward/backward, encode."""
+        assert self.dataset is not None
+        images, bad = self.dataset.load(indices)
+        noise = unit_noise(noise_seed, len(indices))
+        if bad:
+            bad_set = set(bad)
+            keep = [i for i, idx in enumerate(indices) if idx not in bad_set]
+            noise = noise[keep]
+        if images.shape[0] == 0:
+            result = empty_result(self.g, self.d)
+        else:
+            result = compute_unit(self.g, self.d, images, noise, micro_batch=self.opts.batch_size)
+        blob = codec.encode_tensors(
+            result.tensors(), meta={"n_samples": result.n_samples, "metrics": result.metrics,
+                                    "skipped": len(bad)},
+            float_dtype=self._cfg.grad_dtype,
+        )
+        return blob, result.n_samples, bad, result.metrics
+
+
+def _json(value: Any) -> dict[str, Any]:
+    import json
+
+    return json.loads(value) if isinstance(value, str) else dict(value)
