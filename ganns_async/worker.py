@@ -106,6 +106,7 @@ class Worker:
         self._unit: Any = None  # the claimed unit's row, while we hold its lease
         self._held: tuple[int, int] | None = None  # (run_id, version) loaded into the models
         self._joined_run: int | None = None
+        self._db_written = "idle"
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.ready = asyncio.Event()  # test signal: registered and listening
 
@@ -128,6 +129,20 @@ class Worker:
             setattr(self.status, k, v)
         if self.on_status is not None:
             self.on_status(self.status)
+
+    def _db_state(self) -> str:
+        """The schema knows idle, computing, uploading and offline; waiting and paused are idle."""
+        return self.status.state if self.status.state in ("computing", "uploading") else "idle"
+
+    async def _set_state(self, state: str, **changes: Any) -> None:
+        """Update the snapshot; write the state to the workers table when it changes there
+        (the table's trigger tells dashboards)."""
+        self._publish_status(state=state, **changes)
+        after = self._db_state()
+        if self._db_written != after:
+            assert self.db is not None
+            await self.db.execute("worker_heartbeat", self.worker_id, after, self._joined_run)
+            self._db_written = after
 
     async def _wait(self, timeout: float) -> None:
         """Sleep until a notification, or the safety sweep interval, whichever is first."""
@@ -196,7 +211,7 @@ class Worker:
         while True:
             await asyncio.sleep(self.opts.heartbeat_s)
             try:
-                await self.db.execute("worker_heartbeat", self.worker_id, self.status.state, self._joined_run)
+                await self.db.execute("worker_heartbeat", self.worker_id, self._db_state(), self._joined_run)
                 unit = self._unit
                 if unit is not None:
                     held = await self.db.fetchval("extend_lease", unit["id"], self.worker_id, self.opts.lease_s)
@@ -213,6 +228,7 @@ class Worker:
                 await self._once()
                 delays = None
             except CONNECTION_ERRORS as exc:
+                self._unit = None  # its lease runs out; another worker recomputes it
                 delays = delays or iter(backoff_delays())
                 delay = next(delays)
                 self._publish_status(connection="reconnecting")
@@ -228,25 +244,25 @@ class Worker:
         if run is None:
             if self.status.state != "waiting":
                 log.info("no active run yet; waiting for the coordinator")
-            self._publish_status(state="waiting", run_id=None)
+            await self._set_state("waiting", run_id=None)
             await self._wait(self.opts.sweep_s)
             return
         if run["id"] != self._joined_run:
             self._join(run)
         if run["status"] != "running":
-            self._publish_status(state="paused")
+            await self._set_state("paused")
             await self._wait(self.opts.sweep_s)
             return
         unit = await self.db.fetchrow("claim_unit", run["id"], self.worker_id, self.opts.lease_s)
         if unit is None:
-            self._publish_status(state="idle")
+            await self._set_state("idle")
             await self._wait(self.opts.sweep_s)
             return
         self._unit = unit
-        try:
-            await self._process(run, unit)
-        finally:
-            self._unit = None
+        # Not in a `finally`: if we are cancelled (Ctrl-C) mid-unit, _shutdown must still
+        # see the unit to give it back at once.
+        await self._process(run, unit)
+        self._unit = None
 
     def _join(self, run: Any) -> None:
         assert self.dataset is not None
@@ -263,8 +279,7 @@ class Worker:
     async def _process(self, run: Any, unit: Any) -> None:
         assert self.db is not None and self.dataset is not None
         started = time.perf_counter()
-        self._publish_status(state="computing", unit_id=unit["id"], unit_step=unit["step"], run_id=run["id"])
-        await self.db.execute("worker_heartbeat", self.worker_id, "computing", run["id"])
+        await self._set_state("computing", unit_id=unit["id"], unit_step=unit["step"], run_id=run["id"])
         if not await self._ensure_weights(run["id"], unit["version"]):
             # The version is gone (pruned while we claimed): give the unit back and
             # wait for the next published version instead of spinning on it.
@@ -276,7 +291,7 @@ class Worker:
         blob, n, bad, metrics = await self._in_thread(self._compute, list(unit["indices"]), unit["noise_seed"])
         if bad:
             log.warning("unit %s: skipped %d unreadable image(s): %s", unit["id"], len(bad), bad[:5])
-        self._publish_status(state="uploading")
+        await self._set_state("uploading")
         async with self.db.transaction() as tx:
             done = await tx.fetchrow("mark_unit_done", unit["id"], self.worker_id)
             if done is None:

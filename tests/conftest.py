@@ -1,0 +1,96 @@
+"""Fixtures: a real PostgreSQL (DATABASE_URL, or an embedded server), a fresh database per test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from ganns_async.data import write_synthetic
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def with_database(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """URL of a server we may create databases on."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    from ganns_async.embedded import embedded_postgres
+
+    with embedded_postgres() as url:
+        yield url
+
+
+def _run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def db_url(pg_server: str) -> Iterator[str]:
+    """A fresh, empty database for one test, dropped afterwards."""
+    name = f"ganns_test_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(pg_server)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(pg_server)
+        try:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        finally:
+            await conn.close()
+
+    _run(create())
+    try:
+        yield with_database(pg_server, name)
+    finally:
+        _run(drop())
+
+
+@pytest.fixture
+def migrated_url(db_url: str) -> str:
+    from ganns_async.migrate import migrate
+
+    _run(migrate(db_url))
+    return db_url
+
+
+@pytest.fixture(scope="session")
+def synth_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic CelebA-layout zip shared by the tests."""
+    path = tmp_path_factory.mktemp("data") / "synthetic.zip"
+    write_synthetic(path, 96, seed=3)
+    return path
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    """Run the real CLI in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "ganns_async", *args],
+        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=kw.pop("cwd", REPO), **kw,
+    )

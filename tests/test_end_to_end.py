@@ -1,0 +1,190 @@
+"""The real CLI in subprocesses: coordinator and workers train through PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import torch
+import torch.nn as nn
+
+from conftest import REPO, cli
+
+PY = [sys.executable, "-m", "ganns_async"]
+
+
+def _spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    fh = open(log, "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([*PY, *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                            env={**os.environ, "GANNS_NO_TUI": "1"})
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, timeout: float = 30) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def _model_card_generator(checkpoint_path: Path) -> nn.Module:
+    """The model card's own loading snippet, verbatim except for the download."""
+    checkpoint = torch.load(checkpoint_path, map_location='cpu')
+
+    class Generator(nn.Module):
+        def __init__(self, latent_dim=100, num_channels=3, feature_maps=64):
+            super(Generator, self).__init__()
+            self.main = nn.Sequential(
+                nn.ConvTranspose2d(latent_dim, feature_maps * 8, 4, 1, 0, bias=False),
+                nn.BatchNorm2d(feature_maps * 8),
+                nn.ReLU(True),
+                nn.ConvTranspose2d(feature_maps * 8, feature_maps * 4, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(feature_maps * 4),
+                nn.ReLU(True),
+                nn.ConvTranspose2d(feature_maps * 4, feature_maps * 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(feature_maps * 2),
+                nn.ReLU(True),
+                nn.ConvTranspose2d(feature_maps * 2, feature_maps, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(feature_maps),
+                nn.ReLU(True),
+                nn.ConvTranspose2d(feature_maps, num_channels, 4, 2, 1, bias=False),
+                nn.Tanh()
+            )
+
+        def forward(self, z):
+            return self.main(z)
+
+    generator = Generator()
+    generator.load_state_dict(checkpoint['generator_state_dict'])
+    generator.eval()
+    return generator
+
+
+async def _wait_for_worker_state(url: str, name: str, state: str, timeout: float = 120) -> int:
+    """Block until worker ``name`` reports ``state``; woken by the workers trigger, not a poll loop."""
+    conn = await asyncpg.connect(url)
+    changed = asyncio.Event()
+    await conn.add_listener("ganns_workers", lambda *_: changed.set())
+    try:
+        async def check() -> int | None:
+            return await conn.fetchval("SELECT id FROM workers WHERE name = $1 AND state = $2", name, state)
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (found := await check()) is None:
+            changed.clear()
+            if (found := await check()) is not None:
+                break
+            remaining = deadline - asyncio.get_running_loop().time()
+            assert remaining > 0, f"worker {name} never reached state {state}"
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        return found
+    finally:
+        await conn.close()
+
+
+async def _fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+def test_coordinator_and_two_workers_train_and_checkpoint_loads(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    common = ["--db", migrated_url, "--data", str(synth_zip)]
+    # Workers start first: they wait for a run and are woken by its notification.
+    workers = [
+        _spawn("worker", *common, "--name", f"w{i}", "--threads", "1", "--no-tui", log=tmp_path / f"w{i}.log")
+        for i in range(2)
+    ]
+    try:
+        for i in range(2):
+            asyncio.run(_wait_for_worker_state(migrated_url, f"w{i}", "idle"))
+        coord = cli("coordinator", *common, "--no-tui", "--max-steps", "3", "--unit-size", "16",
+                    "--units-per-step", "2", "--checkpoint-every", "1", "--out", str(out), timeout=300)
+        assert coord.returncode == 0, coord.stdout + coord.stderr
+    finally:
+        codes = [_stop(w) for w in workers]
+    assert codes == [0, 0], [p.read_text() for p in tmp_path.glob("w*.log")]
+
+    generator = _model_card_generator(out / "checkpoint_latest.pth")
+    with torch.no_grad():
+        noise = torch.randn(16, 100, 1, 1)
+        fake_images = generator(noise)
+    assert fake_images.shape == (16, 3, 64, 64)
+    assert fake_images.min() >= -1 and fake_images.max() <= 1
+    ckpt = torch.load(out / "checkpoint_latest.pth", map_location="cpu")
+    assert ckpt["step"] == 3 and set(ckpt) >= {"discriminator_state_dict", "optimizer_g_state_dict",
+                                                "optimizer_d_state_dict", "epoch"}
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
+        "step_000001.png", "step_000002.png", "step_000003.png"]
+
+    rows = asyncio.run(_fetch(migrated_url, "SELECT status, step, images_seen FROM runs"))
+    assert [tuple(r) for r in rows] == [("done", 3, 96)]
+    metrics = asyncio.run(_fetch(migrated_url, "SELECT step, units, images FROM metrics ORDER BY step"))
+    assert [tuple(r) for r in metrics] == [(1, 2, 32), (2, 2, 32), (3, 2, 32)]
+    contributors = asyncio.run(_fetch(migrated_url, "SELECT name, units_done, state FROM workers ORDER BY name"))
+    assert sum(r["units_done"] for r in contributors) == 6
+    assert all(r["state"] == "offline" for r in contributors)
+    # Nothing piles up: gradients are consumed, old versions pruned.
+    assert asyncio.run(_fetch(migrated_url, "SELECT id FROM gradients")) == []
+    versions = asyncio.run(_fetch(migrated_url, "SELECT version FROM weights ORDER BY version"))
+    assert [r["version"] for r in versions] == [1, 2, 3]
+
+
+def test_worker_killed_mid_unit_does_not_lose_the_run(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    common = ["--db", migrated_url, "--data", str(synth_zip)]
+    coord = _spawn("coordinator", *common, "--max-steps", "2", "--unit-size", "32", "--units-per-step", "2",
+                   "--sweep-seconds", "1", "--out", str(out), log=tmp_path / "coord.log")
+    victim = _spawn("worker", *common, "--name", "victim", "--threads", "1", "--lease-seconds", "3",
+                    "--heartbeat-seconds", "1", log=tmp_path / "victim.log")
+    survivor = None
+    try:
+        asyncio.run(_wait_for_worker_state(migrated_url, "victim", "computing"))
+        victim.kill()  # SIGKILL: no cleanup, its lease must run out
+        victim.wait(10)
+        survivor = _spawn("worker", *common, "--name", "survivor", "--threads", "1", log=tmp_path / "survivor.log")
+        assert coord.wait(240) == 0, (tmp_path / "coord.log").read_text()
+    finally:
+        if survivor is not None:
+            assert _stop(survivor) == 0
+        _stop(coord)
+    assert (out / "checkpoint_latest.pth").exists()
+    events = asyncio.run(_fetch(migrated_url, "SELECT kind, message FROM events WHERE kind = 'requeue'"))
+    assert events and "victim" in events[0]["message"], (tmp_path / "coord.log").read_text()
+    done = asyncio.run(_fetch(migrated_url, "SELECT status, step FROM runs"))
+    assert [tuple(r) for r in done] == [("done", 2)]
+
+
+def test_ctrl_c_gives_the_unit_back_at_once(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    common = ["--db", migrated_url, "--data", str(synth_zip)]
+    coord = _spawn("coordinator", *common, "--max-steps", "5", "--unit-size", "64", "--units-per-step", "1",
+                   "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
+    worker = _spawn("worker", *common, "--name", "leaver", "--threads", "1", "--lease-seconds", "600",
+                    log=tmp_path / "worker.log")
+    try:
+        asyncio.run(_wait_for_worker_state(migrated_url, "leaver", "computing"))
+        claimed = asyncio.run(_fetch(migrated_url, "SELECT id FROM work_units WHERE state = 'claimed'"))
+        assert len(claimed) == 1
+        assert _stop(worker, signal.SIGINT) == 0, (tmp_path / "worker.log").read_text()
+        # The lease was 10 minutes: the unit is pending now only because the worker released it.
+        unit = asyncio.run(_fetch(migrated_url, "SELECT state, worker_id FROM work_units WHERE id = $1",
+                                  claimed[0]["id"]))
+        assert [tuple(r) for r in unit] == [("pending", None)]
+        state = asyncio.run(_fetch(migrated_url, "SELECT state FROM workers WHERE name = 'leaver'"))
+        assert state[0]["state"] == "offline"
+    finally:
+        _stop(coord)
+        _stop(worker)

@@ -1,0 +1,439 @@
+"""Migrations: the CLI and plain psql build the same schema, and the CLI guards it.
+
+Everything runs against a real PostgreSQL: the session's server (embedded PostgreSQL 18
+unless DATABASE_URL is set) and, where the system has it, a throwaway PostgreSQL 15.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from conftest import REPO, cli, with_database
+from ganns_async.db import Database
+from ganns_async.embedded import psql_binary
+from ganns_async.errors import UserError
+from ganns_async.migrate import require_migrated
+
+SQL_FILES = sorted(p for p in (REPO / "sql").iterdir() if p.suffix == ".sql" and p.name[:3].isdigit())
+PG15_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+async def _create_db(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_db(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A second fresh, empty database on ``server_url`` (``db_url`` gives only one)."""
+    name = f"ganns_test_{uuid.uuid4().hex[:12]}"
+    _run(_create_db(server_url, name))
+    try:
+        yield with_database(server_url, name)
+    finally:
+        _run(_drop_db(server_url, name))
+
+
+@pytest.fixture
+def db_url2(pg_server: str) -> Iterator[str]:
+    with fresh_database(pg_server) as url:
+        yield url
+
+
+def psql_migrate(url: str, psql: str | None = None) -> None:
+    """What ops does: every sql/NNN_*.sql in order through the real psql."""
+    psql = psql or psql_binary()
+    assert psql, "no psql binary found (neither the embedded server's nor the system's)"
+    assert SQL_FILES, "no migrations in sql/"
+    for path in SQL_FILES:
+        r = subprocess.run(
+            [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(path), url],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert r.returncode == 0, f"psql -f {path.name} failed:\n{r.stdout}\n{r.stderr}"
+
+
+def psql_command(url: str, sql: str, psql: str | None = None) -> None:
+    psql = psql or psql_binary()
+    assert psql
+    r = subprocess.run([psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql, url],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"psql -c {sql!r} failed:\n{r.stdout}\n{r.stderr}"
+
+
+SCHEMA_QUERIES = {
+    "tables": """
+        SELECT c.relname, c.relkind::text, c.relpersistence::text
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'S', 'v', 'm')
+         ORDER BY c.relname""",
+    "columns": """
+        SELECT c.relname, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod) AS type,
+               a.attnotnull, pg_get_expr(d.adbin, d.adrelid) AS default, a.attstorage::text
+          FROM pg_attribute a
+          JOIN pg_class c ON c.oid = a.attrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+          LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+         WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
+         ORDER BY c.relname, a.attnum""",
+    "indexes": """
+        SELECT tablename, indexname, indexdef FROM pg_indexes
+         WHERE schemaname = 'public' ORDER BY tablename, indexname""",
+    "constraints": """
+        SELECT c.conrelid::regclass::text AS tbl, c.conname, c.contype::text, pg_get_constraintdef(c.oid) AS def
+          FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+         WHERE n.nspname = 'public' ORDER BY 1, 2""",
+    "triggers": """
+        SELECT t.tgrelid::regclass::text AS tbl, t.tgname, pg_get_triggerdef(t.oid) AS def
+          FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'public' AND NOT t.tgisinternal ORDER BY 1, 2""",
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid) AS args, pg_get_functiondef(p.oid) AS def
+          FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+         WHERE n.nspname = 'public' ORDER BY 1, 2""",
+}
+
+
+async def describe_schema(url: str) -> dict[str, list[tuple]]:
+    conn = await asyncpg.connect(url)
+    try:
+        return {key: [tuple(r) for r in await conn.fetch(sql)] for key, sql in SCHEMA_QUERIES.items()}
+    finally:
+        await conn.close()
+
+
+def schema(url: str) -> dict[str, list[tuple]]:
+    return _run(describe_schema(url))
+
+
+def assert_schema_content(s: dict[str, list[tuple]]) -> None:
+    """The description is not vacuous: it holds what 001_schema.sql creates."""
+    persistence = {name: p for name, kind, p in s["tables"] if kind == "r"}
+    for table in ("ganns_migrations", "runs", "weights", "workers", "work_units", "gradients",
+                  "rejections", "events", "metrics"):
+        assert table in persistence, f"table {table} missing: {sorted(persistence)}"
+    assert persistence["gradients"] == "u", "gradients must be UNLOGGED"
+    assert persistence["work_units"] == "p" and persistence["weights"] == "p"
+
+    storage = {(t, col): st for t, _n, col, _ty, _nn, _d, st in s["columns"]}
+    assert storage[("gradients", "payload")] == "e"
+    assert storage[("weights", "payload")] == "e"
+    assert storage[("weights", "optimizer")] == "e"
+    assert storage[("events", "message")] == "x"  # text keeps its default (extended)
+    cols = {(t, col): (ty, nn, d) for t, _n, col, ty, nn, d, _st in s["columns"]}
+    assert cols[("work_units", "indices")] == ("integer[]", True, None)
+    assert cols[("runs", "status")] == ("text", True, "'running'::text")
+    assert cols[("runs", "id")][2] == "nextval('runs_id_seq'::regclass)"
+
+    indexes = {name: d for _t, name, d in s["indexes"]}
+    assert "WHERE (state = 'pending'::text)" in indexes["work_units_pending_idx"]
+    assert "work_units_run_id_seq_key" in indexes
+
+    constraints = {(t, name): d for t, name, _k, d in s["constraints"]}
+    assert any(t == "gradients" and "REFERENCES work_units(id) ON DELETE CASCADE" in d
+               for (t, _), d in constraints.items())
+    assert any(t == "runs" and "CHECK" in d and "'paused'" in d for (t, _), d in constraints.items())
+
+    triggers = {(t, name): d for t, name, d in s["triggers"]}
+    assert set(triggers) >= {("work_units", "work_units_inserted"), ("work_units", "work_units_requeued"),
+                             ("gradients", "gradients_inserted"), ("runs", "runs_changed"),
+                             ("workers", "workers_changed")}
+    ins = triggers[("work_units", "work_units_inserted")]
+    assert "AFTER INSERT ON public.work_units" in ins and "REFERENCING NEW TABLE AS new_units" in ins
+    assert "FOR EACH STATEMENT" in ins and "ganns_notify_units_inserted()" in ins
+
+    functions = {name: d for name, _a, d in s["functions"]}
+    assert set(functions) >= {"ganns_notify_units_inserted", "ganns_notify_units_requeued",
+                              "ganns_notify_gradient", "ganns_notify_run", "ganns_notify_worker"}
+    assert "pg_notify('ganns_units'" in functions["ganns_notify_units_inserted"]
+
+
+async def _migrations_rows(url: str) -> list[tuple[str, str | None]]:
+    conn = await asyncpg.connect(url)
+    try:
+        return [tuple(r) for r in await conn.fetch("SELECT name, checksum FROM ganns_migrations ORDER BY name")]
+    finally:
+        await conn.close()
+
+
+def file_checksum(name: str) -> str:
+    return hashlib.sha256((REPO / "sql" / f"{name}.sql").read_text(encoding="utf-8").encode("utf-8")).hexdigest()
+
+
+async def _require_migrated(url: str) -> None:
+    db = await Database.open(url)
+    try:
+        await require_migrated(db)
+    finally:
+        await db.close()
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert r.returncode != 0, r
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{r.stderr}"
+    line = lines[0]
+    assert line.startswith("error: "), line
+    for w in words:
+        assert w in line, f"{w!r} not in {line!r}"
+    return line
+
+
+# --- CLI and psql agree ---------------------------------------------------------------
+
+
+def test_sql_files_present() -> None:
+    assert [p.name for p in SQL_FILES][:1] == ["001_schema.sql"]
+    assert psql_binary(), "psql not found"
+
+
+def test_cli_and_psql_give_the_same_schema(db_url: str, db_url2: str) -> None:
+    r = cli("db", "migrate", "--db", db_url)
+    assert r.returncode == 0, r.stderr
+    assert "applied 001_schema" in r.stdout
+    psql_migrate(db_url2)
+
+    by_cli, by_psql = schema(db_url), schema(db_url2)
+    assert_schema_content(by_cli)
+    for key in SCHEMA_QUERIES:
+        assert by_cli[key] == by_psql[key], f"{key} differ between CLI and psql migration"
+    assert by_cli == by_psql
+
+    # Both record the migration; only the CLI records the checksum.
+    names = [p.stem for p in SQL_FILES]
+    assert _run(_migrations_rows(db_url)) == [(n, file_checksum(n)) for n in names]
+    assert _run(_migrations_rows(db_url2)) == [(n, None) for n in names]
+
+
+def test_migrate_twice_is_a_noop(db_url: str) -> None:
+    r = cli("db", "migrate", "--db", db_url)
+    assert r.returncode == 0, r.stderr
+    before = schema(db_url)
+    rows_before = _run(_migrations_rows(db_url))
+
+    r = cli("db", "migrate", "--db", db_url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "database is up to date"
+    assert "Traceback" not in r.stderr
+    assert schema(db_url) == before
+    assert _run(_migrations_rows(db_url)) == rows_before
+
+
+def test_psql_migration_then_cli_records_checksum(db_url: str) -> None:
+    psql_migrate(db_url)
+    before = schema(db_url)
+    assert_schema_content(before)
+
+    r = cli("db", "status", "--db", db_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("001_schema"))
+    assert "applied (by psql)" in line
+
+    # Coordinator and workers accept a psql-migrated database as it is.
+    _run(_require_migrated(db_url))
+
+    r = cli("db", "migrate", "--db", db_url)
+    assert r.returncode == 0, r.stderr
+    assert "database is up to date" in r.stdout
+    assert _run(_migrations_rows(db_url))[0] == ("001_schema", file_checksum("001_schema"))
+    assert schema(db_url) == before
+
+    r = cli("db", "status", "--db", db_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("001_schema"))
+    assert "applied" in line and "by psql" not in line and "CHANGED" not in line
+    _run(_require_migrated(db_url))
+
+
+def test_checksum_mismatch_is_refused(migrated_url: str) -> None:
+    psql_command(migrated_url, "UPDATE ganns_migrations SET checksum = 'deadbeef' WHERE name = '001_schema'")
+    before = schema(migrated_url)
+
+    r = cli("db", "migrate", "--db", migrated_url)
+    assert_one_line_error(r, "001_schema", "checksum")
+    assert "deadbeef" in r.stderr
+    assert schema(migrated_url) == before
+    assert _run(_migrations_rows(migrated_url)) == [("001_schema", "deadbeef")]
+
+    r = cli("db", "status", "--db", migrated_url)
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("001_schema"))
+    assert "CHANGED since applied" in line
+
+
+def test_status_on_empty_database_lists_pending(db_url: str) -> None:
+    r = cli("db", "status", "--db", db_url)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("001_schema"))
+    assert "pending" in line
+    # status must not have created anything
+    assert schema(db_url)["tables"] == []
+
+
+def test_require_migrated_refuses_empty_database(db_url: str) -> None:
+    with pytest.raises(UserError, match="not migrated"):
+        _run(_require_migrated(db_url))
+
+
+def test_worker_refuses_unmigrated_database(db_url: str, synth_zip: Path) -> None:
+    r = cli("worker", "--db", db_url, "--data", str(synth_zip), "--device", "cpu", "--no-tui", timeout=120)
+    assert_one_line_error(r, "not migrated", "ganns-async db migrate")
+    assert schema(db_url)["tables"] == []
+
+
+def test_coordinator_refuses_unmigrated_database(db_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    r = cli("coordinator", "--db", db_url, "--data", str(synth_zip), "--out", str(tmp_path / "out"),
+            "--no-tui", timeout=120)
+    assert_one_line_error(r, "not migrated", "ganns-async db migrate")
+    assert schema(db_url)["tables"] == []
+
+
+# --- the system's PostgreSQL 15 -------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def pg15_cluster(password: str | None = None) -> Iterator[str]:
+    """A throwaway PostgreSQL 15 on a Unix socket in a temp dir; yields the superuser URL.
+
+    With ``password``, every connection must authenticate with scram-sha-256.
+    Skips the test when /usr/lib/postgresql/15 is not installed.
+    """
+    if not (PG15_BIN / "initdb").exists():
+        pytest.skip(f"system PostgreSQL 15 not installed ({PG15_BIN / 'initdb'} missing)")
+    as_user: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="ganns-pg15-"))
+    if os.geteuid() == 0:
+        # PostgreSQL refuses to run as root; the embedded server's setup made this user.
+        if subprocess.run(["id", "pgserver"], capture_output=True).returncode != 0:
+            shutil.rmtree(root, ignore_errors=True)
+            pytest.skip("running as root and there is no 'pgserver' user to run PostgreSQL 15 as")
+        as_user = ["runuser", "-u", "pgserver", "--"]
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    init = [str(PG15_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8", "--no-locale"]
+    if password is not None:
+        (root / "pw").write_text(password + "\n")
+        init += ["--auth=scram-sha-256", f"--pwfile={root / 'pw'}"]
+    else:
+        init += ["--auth=trust"]
+    if as_user:
+        shutil.chown(root, "pgserver", "pgserver")
+        shutil.chown(sock, "pgserver", "pgserver")
+        if password is not None:
+            shutil.chown(root / "pw", "pgserver", "pgserver")
+    port = _free_port()
+    pg_ctl = [*as_user, str(PG15_BIN / "pg_ctl"), "-D", str(data)]
+    started = False
+    try:
+        r = subprocess.run([*as_user, *init], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"initdb failed:\n{r.stdout}\n{r.stderr}"
+        r = subprocess.run(
+            [*pg_ctl, "-l", str(root / "log"), "-w", "-t", "60",
+             "-o", f"-c listen_addresses='' -k {sock} -p {port} -c fsync=off", "start"],
+            capture_output=True, text=True, timeout=90,
+        )
+        started = True
+        log = (root / "log").read_text(errors="replace") if (root / "log").exists() else ""
+        assert r.returncode == 0, f"pg_ctl start failed:\n{r.stdout}\n{r.stderr}\n{log}"
+        auth = f"postgres:{password}" if password is not None else "postgres"
+        yield f"postgresql://{auth}@/postgres?host={sock}&port={port}"
+    finally:
+        if started:
+            subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _notify_from_psql_insert(url: str, psql: str) -> list[tuple[str, str]]:
+    got: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.add_listener("ganns_units", lambda _c, _pid, ch, payload: got.put_nowait((ch, payload)))
+        await asyncio.to_thread(
+            psql_command, url, "INSERT INTO runs (config, dataset_fingerprint, dataset_size) VALUES ('{}', 'x', 1)", psql)
+        await asyncio.to_thread(
+            psql_command, url,
+            "INSERT INTO work_units (run_id, seq, step, version, epoch, indices, noise_seed) "
+            "VALUES (1, 0, 0, 0, 0, '{1,2}', 7)", psql)
+        first = await asyncio.wait_for(got.get(), 10)
+        await asyncio.sleep(0.2)  # one statement, one notification: nothing else follows
+        rest = []
+        while not got.empty():
+            rest.append(got.get_nowait())
+        return [first, *rest]
+    finally:
+        await conn.close()
+
+
+def test_postgresql_15() -> None:
+    with pg15_cluster() as server:
+        version = _run(_server_version(server))
+        assert version.startswith("15"), version
+        psql15 = str(PG15_BIN / "psql")
+        with fresh_database(server) as by_cli, fresh_database(server) as by_psql:
+            r = cli("db", "migrate", "--db", by_cli)
+            assert r.returncode == 0, r.stderr
+            assert "applied 001_schema" in r.stdout
+            psql_migrate(by_psql, psql15)
+
+            s_cli, s_psql = schema(by_cli), schema(by_psql)
+            assert_schema_content(s_cli)
+            assert s_cli == s_psql
+
+            _run(_require_migrated(by_cli))
+            _run(_require_migrated(by_psql))
+            r = cli("db", "status", "--db", by_psql)
+            assert r.returncode == 0 and "applied (by psql)" in r.stdout, r.stdout + r.stderr
+
+            assert _run(_notify_from_psql_insert(by_psql, psql15)) == [("ganns_units", "1")]
+            assert _run(_notify_from_psql_insert(by_cli, psql15)) == [("ganns_units", "1")]
+
+
+async def _server_version(url: str) -> str:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval("SHOW server_version")
+    finally:
+        await conn.close()
