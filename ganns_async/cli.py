@@ -175,6 +175,41 @@ def coordinator(
     _run(body)
 
 
+# --- train-local ----------------------------------------------------------------------
+
+
+@app.command("train-local")
+def train_local_cmd(
+    data: str = typer.Option(..., "--data", envvar="GANNS_DATA", help=DATA_HELP),
+    max_steps: int = typer.Option(..., "--max-steps", envvar="GANNS_MAX_STEPS", min=1, help="Optimizer steps to train."),
+    out: Path = typer.Option(Path("ganns-local"), "--out", envvar="GANNS_OUT", help="Checkpoint and sample grids go here."),
+    seed: int = typer.Option(0, "--seed", envvar="GANNS_SEED", help="Seeds weights, data order and noise."),
+    unit_size: int = typer.Option(64, "--unit-size", envvar="GANNS_UNIT_SIZE", min=1, help="Images per work unit."),
+    units_per_step: int = typer.Option(2, "--units-per-step", envvar="GANNS_UNITS_PER_STEP", min=1,
+                                       help="Units averaged into one optimizer step."),
+    lr: float = typer.Option(2e-4, "--lr", envvar="GANNS_LR", help="Adam learning rate (both networks)."),
+    checkpoint_every: int = typer.Option(10, "--checkpoint-every", envvar="GANNS_CHECKPOINT_EVERY", min=1,
+                                         help="Write the checkpoint and a sample grid every N steps."),
+    threads: Optional[int] = typer.Option(None, "--threads", envvar="GANNS_THREADS", min=1, help="CPU threads for PyTorch."),
+) -> None:
+    """Train in this one process, without PostgreSQL: the reference for distributed runs.
+
+    Same unit schedule and per-unit code as the coordinator and workers with
+    --max-staleness 0, so with the same seed and sizes both end with the same weights.
+    """
+    from ganns_async.local import LocalOptions, train_local
+    from ganns_async.training import TrainConfig
+
+    def body() -> None:
+        cfg = TrainConfig(seed=seed, unit_size=unit_size, units_per_step=units_per_step, max_staleness=0, lr=lr)
+        result = train_local(LocalOptions(data=data, max_steps=max_steps, out=out, config=cfg,
+                                          checkpoint_every=checkpoint_every, threads=threads))
+        typer.echo(f"trained {max_steps} steps, {result.images} images in {result.seconds:.1f}s "
+                   f"({result.images_per_s:.1f} img/s); checkpoint: {out / 'checkpoint_latest.pth'}")
+
+    _run(body)
+
+
 # --- demo -----------------------------------------------------------------------------
 
 

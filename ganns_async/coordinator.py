@@ -17,35 +17,28 @@ import concurrent.futures
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ganns_async import codec
 from ganns_async.data import ImageDataset
 from ganns_async.db import CONTROL_CHANNEL, GRADIENTS_CHANNEL, Database, Listener
 from ganns_async.errors import PayloadError, UserError
 from ganns_async.migrate import require_migrated
+from ganns_async.outputs import CHECKPOINT_NAME, write_checkpoint, write_sample_grid
 from ganns_async.training import (
     StepAccumulator,
     TrainConfig,
     Trainer,
-    generate,
     gradient_spec,
     plan_unit,
-    sample_noise,
     split_result,
 )
 
 log = logging.getLogger("ganns_async.coordinator")
-
-CHECKPOINT_NAME = "checkpoint_latest.pth"
-
 
 @dataclass
 class CoordinatorOptions:
@@ -380,22 +373,10 @@ class Coordinator:
         self._pending_io = [f for f in self._pending_io if not f.done()] + [fut]
 
     def _write_outputs_now(self, step: int, epoch: int, images_seen: int) -> None:
-        from torchvision.utils import save_image
-
-        out = self.opts.out
-        ckpt = self.trainer.checkpoint(step=step, epoch=epoch, images_seen=images_seen,
-                                       extra={"run_id": int(self.run_id)})
-        tmp = out / (CHECKPOINT_NAME + ".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, out / CHECKPOINT_NAME)
-        samples = out / "samples"
-        samples.mkdir(exist_ok=True)
-        images = generate(self.trainer.g, sample_noise(self.cfg.seed))
-        path = samples / f"step_{step:06d}.png"
-        tmp_png = samples / f".step_{step:06d}.png.tmp"
-        save_image((images + 1) / 2, str(tmp_png), nrow=8, padding=2, format="png")
-        os.replace(tmp_png, path)
-        log.info("wrote %s and %s", out / CHECKPOINT_NAME, path)
+        ckpt = write_checkpoint(self.trainer, self.opts.out, step=step, epoch=epoch, images_seen=images_seen,
+                                extra={"run_id": int(self.run_id)})
+        grid = write_sample_grid(self.trainer, self.opts.out, step=step)
+        log.info("wrote %s and %s", ckpt, grid)
 
 
 def _json(value: Any) -> dict[str, Any]:

@@ -64,16 +64,18 @@ def queries() -> dict[str, str]:
 
 
 def describe_url(url: str) -> str:
-    """A URL without its password, fit to print."""
+    """A URL without its password, fit to print (never raises)."""
+    if "://" not in url:
+        return repr(url)
     try:
         parts = urlsplit(url)
+        host = parts.hostname or ""
+        if not host:
+            q = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+            host = q.get("host", "local socket")
+        port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return "<unparseable URL>"
-    host = parts.hostname or ""
-    if not host:
-        q = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-        host = q.get("host", "local socket")
-    port = f":{parts.port}" if parts.port else ""
     user = f"{parts.username}@" if parts.username else ""
     return f"{parts.scheme}://{user}{host}{port}{parts.path}"
 
@@ -110,6 +112,10 @@ def _check_url(url: str) -> None:
         raise UserError(
             f"bad database URL {describe_url(url)!s}: expected postgresql://user:pass@host:5432/dbname"
         )
+    try:
+        urlsplit(url).port  # noqa: B018 - validates the port
+    except ValueError as exc:
+        raise UserError(f"bad database URL: {exc} (expected postgresql://user:pass@host:5432/dbname)") from None
 
 
 async def connect(url: str) -> asyncpg.Connection:

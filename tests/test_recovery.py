@@ -1,0 +1,107 @@
+"""Bad input and crashes lose no data: hostile gradients, a coordinator killed mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import asyncpg
+import torch
+
+from test_end_to_end import _fetch, _spawn, _stop
+
+
+async def _plant_hostile_gradient(url: str, payload: bytes) -> int:
+    """Act like a malicious client with plain SQL: claim a unit and store garbage for it."""
+    conn = await asyncpg.connect(url)
+    try:
+        ready = asyncio.Event()
+        await conn.add_listener("ganns_units", lambda *_: ready.set())
+        while True:
+            ready.clear()
+            run_id = await conn.fetchval("SELECT id FROM runs WHERE status = 'running'")
+            unit = None
+            if run_id is not None:
+                unit = await conn.fetchrow(
+                    "SELECT id, version FROM work_units WHERE run_id = $1 AND state = 'pending' ORDER BY id LIMIT 1",
+                    run_id)
+            if unit is not None:
+                break
+            await asyncio.wait_for(ready.wait(), 120)
+        worker = await conn.fetchval(
+            "INSERT INTO workers (name, hostname, device) VALUES ('mallory', 'evil', 'cpu') RETURNING id")
+        async with conn.transaction():
+            await conn.execute(
+                "UPDATE work_units SET state = 'done', worker_id = $2 WHERE id = $1", unit["id"], worker)
+            await conn.execute(
+                "INSERT INTO gradients (unit_id, run_id, worker_id, version, n_samples, payload) "
+                "VALUES ($1, $2, $3, $4, 16, $5)", unit["id"], run_id, worker, unit["version"], payload)
+        return unit["id"]
+    finally:
+        await conn.close()
+
+
+def test_hostile_gradient_is_rejected_and_its_unit_recomputed(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    common = ["--db", migrated_url, "--data", str(synth_zip)]
+    coord = _spawn("coordinator", *common, "--max-steps", "2", "--unit-size", "16", "--units-per-step", "2",
+                   "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
+    worker = None
+    try:
+        unit_id = asyncio.run(_plant_hostile_gradient(migrated_url, b"\x28\xb5\x2f\xfd" + b"not really zstd" * 10))
+        worker = _spawn("worker", *common, "--name", "honest", "--threads", "1", log=tmp_path / "w.log")
+        assert coord.wait(240) == 0, (tmp_path / "coord.log").read_text()
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(coord)
+    rejections = asyncio.run(_fetch(migrated_url, "SELECT unit_id, reason, w.name FROM rejections r "
+                                                  "JOIN workers w ON w.id = r.worker_id"))
+    assert len(rejections) == 1 and rejections[0]["unit_id"] == unit_id and rejections[0]["name"] == "mallory"
+    assert "corrupt" in rejections[0]["reason"] or "zstd" in rejections[0]["reason"]
+    events = asyncio.run(_fetch(migrated_url, "SELECT message FROM events WHERE kind = 'rejected'"))
+    assert len(events) == 1 and "mallory" in events[0]["message"]
+    # The rejected unit was recomputed by the honest worker and the run finished.
+    assert [tuple(r) for r in asyncio.run(_fetch(migrated_url, "SELECT status, step FROM runs"))] == [("done", 2)]
+
+
+def test_coordinator_killed_mid_run_resumes_from_the_database(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    common = ["--db", migrated_url, "--data", str(synth_zip)]
+    out = tmp_path / "out"
+    worker = _spawn("worker", *common, "--name", "steady", "--threads", "1", log=tmp_path / "w.log")
+    try:
+        coord = _spawn("coordinator", *common, "--max-steps", "4", "--unit-size", "16", "--units-per-step", "2",
+                       "--out", str(out), log=tmp_path / "coord1.log")
+
+        async def wait_for_step(target: int) -> None:
+            conn = await asyncpg.connect(migrated_url)
+            moved = asyncio.Event()
+            await conn.add_listener("ganns_weights", lambda *_: moved.set())
+            try:
+                while (await conn.fetchval("SELECT max(step) FROM runs") or 0) < target:
+                    moved.clear()
+                    if (await conn.fetchval("SELECT max(step) FROM runs") or 0) >= target:
+                        break
+                    await asyncio.wait_for(moved.wait(), 120)
+            finally:
+                await conn.close()
+
+        asyncio.run(wait_for_step(2))
+        coord.send_signal(signal.SIGKILL)
+        coord.wait(10)
+        before = asyncio.run(_fetch(migrated_url, "SELECT id, step, status FROM runs"))
+        assert before[0]["status"] == "running" and before[0]["step"] >= 2
+        resumed = _spawn("coordinator", *common, "--resume", "--max-steps", "4", "--out", str(out),
+                         log=tmp_path / "coord2.log")
+        assert resumed.wait(240) == 0, (tmp_path / "coord2.log").read_text()
+    finally:
+        _stop(worker)
+    after = asyncio.run(_fetch(migrated_url, "SELECT id, step, status, images_seen FROM runs"))
+    assert [(r["id"], r["step"], r["status"]) for r in after] == [(before[0]["id"], 4, "done")]
+    assert after[0]["images_seen"] == 4 * 32
+    assert "resumed at step" in (tmp_path / "coord2.log").read_text()
+    ckpt = torch.load(out / "checkpoint_latest.pth", map_location="cpu")
+    assert ckpt["step"] == 4
+    # Adam's step counter survived the crash: 4 optimizer steps in all.
+    state = ckpt["optimizer_g_state_dict"]["state"]
+    assert float(next(iter(state.values()))["step"]) == 4.0
