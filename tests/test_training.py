@@ -1,0 +1,135 @@
+"""The GAN math itself: exact gradients, determinism, the unit schedule, aggregation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ganns_async.model import build_models, count_parameters
+from ganns_async.training import (
+    StepAccumulator,
+    TrainConfig,
+    Trainer,
+    compute_unit,
+    epoch_permutation,
+    plan_unit,
+    unit_noise,
+)
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_parameter_counts_match_the_model_card() -> None:
+    g, d = build_models(0)
+    assert count_parameters(g) == 3_576_704
+    assert count_parameters(d) == 2_765_568
+    assert "main.0.weight" in g.state_dict() and "main.0.weight" in d.state_dict()
+
+
+def test_discriminator_gradient_comes_from_its_own_loss_only() -> None:
+    torch.manual_seed(0)
+    g, d = build_models(1)
+    images, noise = _images(8), unit_noise(11, 8)
+    result = compute_unit(g, d, images, noise)
+
+    # Reference: D's loss alone, on fresh copies, with no generator pass through D afterwards.
+    g2, d2 = build_models(1)
+    fake = g2(noise)
+    loss_d = F.binary_cross_entropy_with_logits(d2(images), torch.ones(8)) + \
+        F.binary_cross_entropy_with_logits(d2(fake.detach()), torch.zeros(8))
+    loss_d.backward()
+    for k, p in d2.named_parameters():
+        assert torch.allclose(result.grads[f"D.{k}"], p.grad, atol=1e-6, rtol=1e-5), k
+    # And the generator pass would have changed D's gradient had it leaked into it.
+    d2.zero_grad()
+    g2.zero_grad()
+    loss_both = loss_d.detach() * 0 + F.binary_cross_entropy_with_logits(d2(g2(noise)), torch.ones(8))
+    loss_both.backward()
+    leaked = d2.main[0].weight.grad
+    assert leaked is not None and leaked.abs().sum() > 0
+
+
+def test_generator_gradient_is_the_non_saturating_loss() -> None:
+    g, d = build_models(2)
+    images, noise = _images(8, 1), unit_noise(5, 8)
+    result = compute_unit(g, d, images, noise)
+    g2, d2 = build_models(2)
+    fake = g2(noise)
+    # Same D BatchNorm history as compute_unit: D saw the real and the detached fake batch first.
+    d2(images)
+    d2(fake.detach())
+    loss_g = F.binary_cross_entropy_with_logits(d2(fake), torch.ones(8))
+    grads = torch.autograd.grad(loss_g, list(g2.parameters()))
+    for (k, _), grad in zip(g2.named_parameters(), grads):
+        assert torch.allclose(result.grads[f"G.{k}"], grad, atol=1e-6, rtol=1e-5), k
+
+
+def test_same_unit_twice_is_bitwise_identical_and_leaves_the_model_untouched() -> None:
+    g, d = build_models(3)
+    before = {k: v.clone() for k, v in {**g.state_dict(), **{f"d{k}": v for k, v in d.state_dict().items()}}.items()}
+    images, noise = _images(16, 2), unit_noise(99, 16)
+    a = compute_unit(g, d, images, noise)
+    b = compute_unit(g, d, images, noise)
+    for k in a.grads:
+        assert torch.equal(a.grads[k], b.grads[k]), k
+    for k in a.buffers:
+        assert torch.equal(a.buffers[k], b.buffers[k]), k
+    after = {**g.state_dict(), **{f"d{k}": v for k, v in d.state_dict().items()}}
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    # The unit did move the running statistics it reports.
+    assert not torch.equal(a.buffers["G.main.1.running_mean"], g.main[1].running_mean)
+
+
+def test_noise_depends_on_the_seed_only() -> None:
+    assert torch.equal(unit_noise(7, 4), unit_noise(7, 4))
+    assert not torch.equal(unit_noise(7, 4), unit_noise(8, 4))
+
+
+def test_every_image_once_per_epoch() -> None:
+    cfg = TrainConfig(seed=5, unit_size=16, units_per_step=3)
+    n = 50  # not a multiple of the unit size: units straddle epochs
+    positions: list[int] = []
+    for seq in range(0, 13):  # 208 positions: four full epochs and a bit
+        positions.extend(plan_unit(cfg, n, seq).indices)
+    for epoch in range(4):
+        assert sorted(positions[epoch * n:(epoch + 1) * n]) == list(range(n))
+    assert positions[:n] != positions[n:2 * n], "each epoch has its own order"
+    assert plan_unit(cfg, n, 4).step == 1 and plan_unit(cfg, n, 4).epoch == 1
+    assert list(epoch_permutation(5, 0, n)) == list(epoch_permutation(5, 0, n))
+    assert plan_unit(cfg, n, 3) == plan_unit(cfg, n, 3)
+
+
+def test_aggregation_is_sample_weighted_and_order_independent() -> None:
+    g, d = build_models(4)
+    r1 = compute_unit(g, d, _images(8, 3), unit_noise(1, 8))
+    r2 = compute_unit(g, d, _images(4, 4), unit_noise(2, 4))
+    ab, ba = StepAccumulator(0), StepAccumulator(0)
+    ab.add(1, r1), ab.add(2, r2)
+    ba.add(2, r2), ba.add(1, r1)
+    ga, gb = ab.mean_grads(), ba.mean_grads()
+    for k in ga:
+        assert torch.equal(ga[k], gb[k]), k
+        expected = (r1.grads[k].double() * 8 + r2.grads[k].double() * 4) / 12
+        assert torch.allclose(ga[k], expected.float(), atol=1e-7)
+    assert ab.n == 12
+
+
+def test_adam_state_round_trips_for_resume() -> None:
+    cfg = TrainConfig(seed=6)
+    t1 = Trainer(cfg)
+    g, d = t1.g, t1.d
+    r = compute_unit(g, d, _images(4, 5), unit_noise(3, 4))
+    acc = StepAccumulator(0)
+    acc.add(0, r)
+    t1.apply(acc.mean_grads(), acc.mean_buffers())
+    tensors, meta = t1.optimizer_tensors()
+    t2 = Trainer(cfg)
+    t2.load_state(t1.state())
+    t2.load_optimizer_tensors(tensors, meta)
+    t1.apply(acc.mean_grads(), acc.mean_buffers())
+    t2.apply(acc.mean_grads(), acc.mean_buffers())
+    for (k, a), (_, b) in zip(t1.g.named_parameters(), t2.g.named_parameters()):
+        assert torch.equal(a, b), k
