@@ -144,17 +144,16 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:  
 
 def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font,  # type: ignore[no-untyped-def]
                fill: tuple[int, int, int], anchor: str) -> None:
-    """Text placed by anchor ("lm", "rm", "mt", "mm", ...); anchors need a TrueType font."""
-    try:
+    """Text placed by anchor ("lm", "rm", "mt", "mm", ...)."""
+    if isinstance(font, ImageFont.FreeTypeFont):
         draw.text(xy, text, font=font, fill=fill, anchor=anchor)
         return
-    except (ValueError, TypeError):
-        pass
-    w, h = _text_size(draw, text, font)
-    x, y = xy
-    x -= {"l": 0, "m": w / 2, "r": w}[anchor[0]]
-    y -= {"t": 0, "m": h / 2, "b": h, "a": 0, "s": h, "d": h}[anchor[1]]
-    draw.text((x, y), text, font=font, fill=fill)
+    # Bitmap fonts ignore (or reject) anchors: place the text by its bounding box.
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    w, h = right - left, bottom - top
+    x = xy[0] - left - {"l": 0, "m": w / 2, "r": w}[anchor[0]]
+    y = xy[1] - top - {"t": 0, "a": 0, "m": h / 2, "b": h, "s": h, "d": h}[anchor[1]]
+    draw.text((round(x), round(y)), text, font=font, fill=fill)
 
 
 def _series_points(rows: Sequence[tuple[int, Row]], series: _Series) -> list[Point]:

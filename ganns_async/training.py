@@ -88,7 +88,7 @@ def unit_noise(noise_seed: int, n: int) -> torch.Tensor:
 @dataclass
 class UnitResult:
     grads: dict[str, torch.Tensor]  # "G.main.0.weight" -> d loss_G / d param, "D...." from loss_D
-    buffers: dict[str, torch.Tensor]  # BatchNorm running statistics after this unit
+    buffers: dict[str, torch.Tensor]  # this unit's BatchNorm batch statistics (running_* names)
     n_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -138,8 +138,10 @@ def compute_unit(
     * D's gradient comes from D's loss only: real -> 1, ``G(z).detach()`` -> 0.
     * G's gradient comes from the non-saturating loss ``D(G(z))`` -> 1, taken with
       ``torch.autograd.grad`` over G's parameters only, so nothing leaks into D.
-    * BatchNorm running statistics move as in ordinary training; we return them and
-      restore the model's own, so the next unit on this version starts from the same state.
+    * BatchNorm: we return this unit's *batch statistics* (the average over its forward
+      passes, under the running-statistics names) and leave the model's own buffers as they
+      were, so the next unit on this version starts from the same state. The coordinator
+      folds the step's statistics into the running ones (:meth:`Trainer.apply`).
 
     ``micro_batch`` splits the unit for small devices; the result is the sample-weighted
     mean of the chunks (BatchNorm then sees smaller batches).
@@ -151,6 +153,12 @@ def compute_unit(
     g_names = [f"G.{k}" for k, _ in g.named_parameters()]
     d_names = [f"D.{k}" for k, _ in d.named_parameters()]
     saved = {k: b.detach().clone() for k, b in _named_buffers(g, d).items()}
+    bn_layers = [m for m in list(g.modules()) + list(d.modules()) if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [m.momentum for m in bn_layers]
+    for m in bn_layers:
+        # momentum=None makes PyTorch keep the plain average of every batch it sees.
+        m.reset_running_stats()
+        m.momentum = None
 
     sums = [torch.zeros_like(p, dtype=torch.float32) for p in g_params + d_params]
     totals = {"d_loss": 0.0, "g_loss": 0.0, "d_x": 0.0, "d_g_z": 0.0}
@@ -183,6 +191,8 @@ def compute_unit(
             totals["d_g_z"] += torch.sigmoid(d_fake.detach()).mean().item() * weight
         buffers = {k: b.detach().to("cpu", copy=True) for k, b in _named_buffers(g, d).items()}
     finally:
+        for m, momentum in zip(bn_layers, momenta):
+            m.momentum = momentum
         with torch.no_grad():
             for k, b in _named_buffers(g, d).items():
                 b.copy_(saved[k])
@@ -278,6 +288,28 @@ class StepAccumulator:
         return {k: v / self.n for k, v in self._metrics.items()}
 
 
+def fold_batch_stats(net: torch.nn.Module, prefix: str, batch_stats: Mapping[str, torch.Tensor]) -> None:
+    """running = (1 - m) * running + m * batch, once per optimizer step.
+
+    ``m`` is BatchNorm's momentum (0.1) but at least ``1 / (t + 1)`` for the t-th update:
+    a warm-up that makes the first estimates plain averages of what was seen, instead of
+    dragging the initial 0 / 1 along for dozens of steps. Without it, ``generator.eval()``
+    samples are washed out early in training (running variance far above the true one).
+    """
+    with torch.no_grad():
+        for name, module in net.named_modules():
+            if not isinstance(module, torch.nn.BatchNorm2d):
+                continue
+            key = f"{prefix}{name}."
+            if key + "running_mean" not in batch_stats:
+                continue
+            t = int(module.num_batches_tracked)
+            m = max(module.momentum or 0.0, 1.0 / (t + 1))
+            module.running_mean.mul_(1 - m).add_(batch_stats[key + "running_mean"].to(module.running_mean), alpha=m)
+            module.running_var.mul_(1 - m).add_(batch_stats[key + "running_var"].to(module.running_var), alpha=m)
+            module.num_batches_tracked.add_(1)
+
+
 class Trainer:
     """The coordinator's model: two Adam optimizers fed with aggregated gradients."""
 
@@ -288,17 +320,15 @@ class Trainer:
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.lr, betas=betas)
 
-    def apply(self, grads: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]) -> None:
-        """One Adam step on G and D, then adopt the merged BatchNorm statistics."""
+    def apply(self, grads: Mapping[str, torch.Tensor], batch_stats: Mapping[str, torch.Tensor]) -> None:
+        """One Adam step on G and D, then fold the step's BatchNorm batch statistics in."""
         for prefix, net, opt in (("G.", self.g, self.opt_g), ("D.", self.d, self.opt_d)):
             for k, p in net.named_parameters():
                 p.grad = grads[prefix + k].to(p.device, p.dtype).clone()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for k, b in net.named_buffers():
-                    if prefix + k in buffers:
-                        b.copy_(buffers[prefix + k])
+            if batch_stats:
+                fold_batch_stats(net, prefix, batch_stats)
 
     def state(self) -> dict[str, torch.Tensor]:
         return state_tensors(self.g, self.d)
