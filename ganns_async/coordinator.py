@@ -51,6 +51,8 @@ class CoordinatorOptions:
     step_timeout: float = 300.0
     min_units: int = 1
     checkpoint_every: int = 10
+    eval_every: int = 10  # SWD every N steps (0: never)
+    eval_n: int = 512  # images per side for SWD during training
     sweep_s: float = 15.0
 
 
@@ -77,6 +79,10 @@ class Coordinator:
         self.listener: Listener | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
         self._pending_io: list[concurrent.futures.Future[Any]] = []
+        # Evaluation gets its own thread and a copy of G, so it never delays aggregation.
+        self._eval_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval")
+        self._evals: dict[int, asyncio.Task[None]] = {}
+        self.swd: dict[int, float] = {}
         self.acc: dict[int, StepAccumulator] = {}
         self.ready = asyncio.Event()  # test signal: run published, listening
 
@@ -131,6 +137,9 @@ class Coordinator:
             await self.listener.close()
         if db is not None:
             await db.close()
+        for task in self._evals.values():
+            task.cancel()
+        self._eval_executor.shutdown(wait=False, cancel_futures=True)
         self._executor.shutdown(wait=True)
         self.dataset.close()
 
@@ -157,6 +166,8 @@ class Coordinator:
         await self._event("run", f"run {self.run_id} started: {len(self.dataset)} images, "
                                  f"{cfg.units_per_step} units x {cfg.unit_size} images per step")
         self._step_opened = time.monotonic()
+        if self.opts.eval_every:
+            self._schedule_eval()  # the step-0 baseline every later SWD is compared with
         self._publish()
 
     async def _resume(self) -> None:
@@ -339,12 +350,18 @@ class Coordinator:
         self.status.history.append({"step": self.step, **metrics})
         if partial:
             await self._event("step", f"step {closed} closed on its deadline with {len(acc.units)} unit(s)")
-        log.info("step %d: %d images from %d unit(s), %d worker(s); d_loss=%.3f g_loss=%.3f D(x)=%.3f D(G(z))=%.3f",
-                 self.step, acc.n, len(acc.units), len(acc.workers), metrics.get("d_loss", float("nan")),
+        position = self.step * self.cfg.units_per_step * self.cfg.unit_size
+        log.info("step %d (epoch %d, %.0f%% through it): %d images from %d unit(s), %d worker(s); "
+                 "d_loss=%.3f g_loss=%.3f D(x)=%.3f D(G(z))=%.3f",
+                 self.step, position // len(self.dataset), 100 * (position % len(self.dataset)) / len(self.dataset),
+                 acc.n, len(acc.units), len(acc.workers), metrics.get("d_loss", float("nan")),
                  metrics.get("g_loss", float("nan")), metrics.get("d_x", float("nan")),
                  metrics.get("d_g_z", float("nan")))
+        if self.opts.eval_every and self.step % self.opts.eval_every == 0:
+            self._schedule_eval()
         if self.step % self.opts.checkpoint_every == 0:
             self._write_outputs()
+            await self._write_metrics_plot()
         self._publish()
 
     def _publish(self) -> None:
@@ -357,13 +374,55 @@ class Coordinator:
 
     async def _finish(self) -> None:
         assert self.db is not None
+        if self.opts.eval_every:
+            self._schedule_eval()
+        await self._wait_for_evals()
         self._write_outputs()
         for fut in self._pending_io:
             await asyncio.wrap_future(fut)
         self._pending_io.clear()
+        await self._write_metrics_plot()
         await self.db.execute("set_run_status", self.run_id, "done")
+        if self.swd:
+            first, last = min(self.swd), max(self.swd)
+            await self._event("quality", f"SWD x1e3: {self.swd[first]:.1f} at step {first} -> "
+                                         f"{self.swd[last]:.1f} at step {last}")
         await self._event("run", f"run {self.run_id} finished at step {self.step}")
         log.info("checkpoint: %s", self.opts.out / CHECKPOINT_NAME)
+
+    # --- quality -----------------------------------------------------------------------
+
+    def _schedule_eval(self) -> None:
+        """SWD of the current generator against real images, off the loop and off the train thread."""
+        import copy
+
+        step = self.step
+        if step in self._evals or step in self.swd:
+            return
+        g = copy.deepcopy(self.trainer.g).cpu()
+        self._evals[step] = asyncio.create_task(self._eval_and_record(step, g), name=f"eval-{step}")
+
+    async def _eval_and_record(self, step: int, g: Any) -> None:
+        from ganns_async.quality import evaluate_generator
+
+        assert self.db is not None
+        dataset, n, seed = self.dataset, self.opts.eval_n, self.cfg.seed
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._eval_executor, lambda: evaluate_generator(g, dataset, n=n, seed=seed))
+        except Exception as exc:  # noqa: BLE001 - a failed evaluation must not stop training
+            log.warning("evaluation at step %d failed: %s", step, exc)
+            return
+        swd = float(result["swd_avg"])
+        self.swd[step] = swd
+        await self.db.execute("record_swd", self.run_id, step, swd)
+        log.info("step %d: SWD x1e3 = %.1f", step, swd)
+        self._publish()
+
+    async def _wait_for_evals(self) -> None:
+        tasks = list(self._evals.values())
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- outputs -----------------------------------------------------------------------
 
@@ -377,6 +436,14 @@ class Coordinator:
                                 extra={"run_id": int(self.run_id)})
         grid = write_sample_grid(self.trainer, self.opts.out, step=step)
         log.info("wrote %s and %s", ckpt, grid)
+
+    async def _write_metrics_plot(self) -> None:
+        from ganns_async.plots import write_metrics_plot
+
+        assert self.db is not None
+        rows = [dict(r) for r in await self.db.fetch("run_metrics", self.run_id)]
+        await self._in_thread(lambda: write_metrics_plot(rows, self.opts.out / "metrics.png",
+                                                         title=f"ganns-async run {self.run_id}"))
 
 
 def _json(value: Any) -> dict[str, Any]:

@@ -90,12 +90,31 @@ def _run_cluster(opts: DemoOptions, url: str, started: float) -> None:
         raise
     finally:
         _stop_all(procs)
+    swd = asyncio.run(_swd_curve(url))
     ckpt = opts.out / "checkpoint_latest.pth"
     samples = sorted((opts.out / "samples").glob("step_*.png"))
     _say(f"done in {time.monotonic() - started:.0f}s")
     _say(f"checkpoint:   {ckpt.resolve()}")
     if samples:
         _say(f"sample grids: {samples[-1].parent.resolve()} (latest: {samples[-1].name})")
+    if (opts.out / "metrics.png").exists():
+        _say(f"curves:       {(opts.out / 'metrics.png').resolve()}")
+    if len(swd) >= 2:
+        (s0, v0), (s1, v1) = swd[0], swd[-1]
+        _say(f"quality:      SWD x1e3 {v0:.1f} at step {s0} -> {v1:.1f} at step {s1} (lower is better)")
+
+
+async def _swd_curve(url: str) -> list[tuple[int, float]]:
+    from ganns_async.db import Database
+
+    db = await Database.open(url, max_size=1)
+    try:
+        run = await db.fetchrow("latest_run")
+        if run is None:
+            return []
+        return [(r["step"], r["swd"]) for r in await db.fetch("run_metrics", run["id"]) if r["swd"] is not None]
+    finally:
+        await db.close()
 
 
 def _stop_all(procs: list[tuple[str, subprocess.Popen[bytes]]]) -> None:

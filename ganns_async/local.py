@@ -37,6 +37,7 @@ class LocalResult:
     trainer: Trainer
     images: int
     seconds: float
+    step_ends: list[float]  # perf_counter() when each step finished (for steady-state rates)
 
     @property
     def images_per_s(self) -> float:
@@ -51,6 +52,7 @@ def train_local(opts: LocalOptions) -> LocalResult:
     trainer = Trainer(cfg)
     images_seen = 0
     started = time.perf_counter()
+    step_ends: list[float] = []
     try:
         for step in range(opts.max_steps):
             acc = StepAccumulator(step)
@@ -70,6 +72,7 @@ def train_local(opts: LocalOptions) -> LocalResult:
             if acc.n > 0:
                 trainer.apply(acc.mean_grads(), acc.mean_buffers())
             images_seen += acc.n
+            step_ends.append(time.perf_counter())
             done = step + 1
             epoch = (done * cfg.units_per_step * cfg.unit_size - 1) // len(dataset)
             m = acc.metrics()
@@ -81,4 +84,4 @@ def train_local(opts: LocalOptions) -> LocalResult:
                 write_sample_grid(trainer, opts.out, step=done)
     finally:
         dataset.close()
-    return LocalResult(trainer, images_seen, time.perf_counter() - started)
+    return LocalResult(trainer, images_seen, time.perf_counter() - started, step_ends)

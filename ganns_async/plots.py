@@ -66,7 +66,7 @@ PANELS: tuple[_Panel, ...] = (
     _Panel("D outputs", (_Series("d_x", "D(x)", D_X_COLOR),
                          _Series("d_g_z", "D(G(z))", D_G_Z_COLOR)),
            fixed_y=(0.0, 1.0)),
-    _Panel("SWD (x1e3)", (_Series("swd", "SWD x1e3", SWD_COLOR, scale=1e3),),
+    _Panel("SWD (x1e3)", (_Series("swd", "SWD x1e3", SWD_COLOR, scale=1.0),),
            markers=True, empty_text="not recorded yet"),
 )
 
@@ -277,7 +277,7 @@ def write_metrics_plot(rows: Sequence[Mapping[str, float | int | None]], path: P
     """Draw losses, D outputs and SWD against step into a PNG at ``path`` (atomically).
 
     ``rows`` are per-step dicts with ``step`` and optional ``g_loss``, ``d_loss``, ``d_x``,
-    ``d_g_z`` and ``swd``; None, missing, NaN and inf values are skipped.  Returns ``path``.
+    ``d_g_z`` and ``swd`` (already x1e3, as :mod:`ganns_async.quality` reports it); None, missing, NaN and inf values are skipped.  Returns ``path``.
     """
     path = Path(path)
     img = _render(rows, title)

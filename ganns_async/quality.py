@@ -174,9 +174,9 @@ def _descriptors(images: torch.Tensor, level: int, num_levels: int,
         lin = (base.view(-1, 1, 1) + yy.view(-1, NHOOD_SIZE, 1) + xx.view(-1, 1, NHOOD_SIZE)).view(-1)
         desc[rows] = pixels.index_select(0, lin).view(-1, NHOOD_SIZE * NHOOD_SIZE, 3)
     # ProGAN's finalize_descriptors: per-channel mean / population std over this set.
-    mean = desc.mean(dim=(0, 1), keepdim=True, dtype=torch.float64).float()
+    var, mean = torch.var_mean(desc.view(-1, 3), dim=0, correction=0)  # no large temporaries
+    std = var.sqrt()
     desc -= mean
-    std = desc.square().mean(dim=(0, 1), keepdim=True, dtype=torch.float64).sqrt().float()
     desc /= torch.where(std > 0, std, torch.ones_like(std))
     return desc.view(desc.shape[0], -1)
 
@@ -298,11 +298,15 @@ def _fid_blocks() -> tuple[type[nn.Module], ...]:
     return FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
 
 
-def build_fid_inception() -> nn.Module:
+def build_fid_inception(device: str | torch.device | None = None) -> nn.Module:
     """pytorch-fid's FID Inception (torchvision Inception3, 1008 classes, FID blocks), with
-    untrained weights, in eval mode. Its ``state_dict`` has the keys of the pytorch-fid file."""
+    untrained weights, in eval mode. Its ``state_dict`` has the keys of the pytorch-fid file.
+    ``device="meta"`` builds the skeleton only (for loading weights with ``assign=True``)."""
     from torchvision.models import inception_v3
 
+    if device is not None:
+        with torch.device(device):
+            return build_fid_inception()
     A, C, E1, E2 = _fid_blocks()
     net = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
     net.Mixed_5b = A(192, pool_features=32)
@@ -333,7 +337,7 @@ def load_fid_inception(weights_path: str | Path) -> nn.Module:
         raise UserError(f"cannot load FID weights {path}: {reason} ({hint})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"FID weights {path} are not a state dict of tensors ({hint})")
-    net = build_fid_inception()
+    net = build_fid_inception("meta")  # no time spent initialising weights about to be replaced
     expected = net.state_dict()
     # BatchNorm's num_batches_tracked is bookkeeping that older files lack; everything else
     # must match exactly.
@@ -350,9 +354,13 @@ def load_fid_inception(weights_path: str | Path) -> nn.Module:
             parts.append(f"{len(wrong)} with wrong shape (e.g. {wrong[0]})")
         raise UserError(f"FID weights {path} do not fit pytorch-fid's Inception: "
                         f"{', '.join(parts)} tensors ({hint})")
-    full = {k: state.get(k, v) for k, v in expected.items()}
-    net.load_state_dict(full, strict=True)
-    return net
+    full = {k: state[k].to(expected[k].dtype) if k in state else torch.zeros((), dtype=torch.long)
+            for k in expected}
+    bad = [k for k, v in full.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"FID weights {path} contain NaN or inf (e.g. {bad[0]}; {hint})")
+    net.load_state_dict(full, strict=True, assign=True)
+    return net.eval()
 
 
 def _fid_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:

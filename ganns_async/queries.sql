@@ -82,6 +82,11 @@ ON CONFLICT (run_id, step) DO UPDATE
        g_loss = EXCLUDED.g_loss, d_loss = EXCLUDED.d_loss, d_x = EXCLUDED.d_x,
        d_g_z = EXCLUDED.d_g_z, swd = COALESCE(EXCLUDED.swd, metrics.swd);
 
+-- name: record_swd
+INSERT INTO metrics (run_id, step, epoch, images, units, swd)
+VALUES ($1, $2, 0, 0, 0, $3)
+ON CONFLICT (run_id, step) DO UPDATE SET swd = EXCLUDED.swd;
+
 -- name: run_metrics
 SELECT * FROM metrics WHERE run_id = $1 ORDER BY step;
 

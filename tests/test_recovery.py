@@ -105,3 +105,43 @@ def test_coordinator_killed_mid_run_resumes_from_the_database(migrated_url: str,
     # Adam's step counter survived the crash: 4 optimizer steps in all.
     state = ckpt["optimizer_g_state_dict"]["state"]
     assert float(next(iter(state.values()))["step"]) == 4.0
+
+
+def test_step_closes_on_its_deadline_with_min_units(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    """A unit held by a silent worker does not block the class: the step closes without it."""
+    common = ["--db", migrated_url, "--data", str(synth_zip)]
+    coord = _spawn("coordinator", *common, "--max-steps", "2", "--unit-size", "8", "--units-per-step", "3",
+                   "--step-timeout", "6", "--min-units", "2", "--max-staleness", "0", "--eval-every", "0",
+                   "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
+
+    async def hog() -> int:
+        """Claim the first unit with a long lease and never finish it."""
+        conn = await asyncpg.connect(migrated_url)
+        try:
+            ready = asyncio.Event()
+            await conn.add_listener("ganns_units", lambda *_: ready.set())
+            while True:
+                ready.clear()
+                unit = await conn.fetchval(
+                    "UPDATE work_units SET state = 'claimed', lease_until = now() + interval '1 hour' "
+                    "WHERE id = (SELECT min(id) FROM work_units WHERE state = 'pending') RETURNING id")
+                if unit is not None:
+                    return unit
+                await asyncio.wait_for(ready.wait(), 120)
+        finally:
+            await conn.close()
+
+    worker = None
+    try:
+        held = asyncio.run(hog())
+        worker = _spawn("worker", *common, "--name", "busy", "--threads", "1", log=tmp_path / "w.log")
+        assert coord.wait(240) == 0, (tmp_path / "coord.log").read_text()
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(coord)
+    metrics = asyncio.run(_fetch(migrated_url, "SELECT step, units, images FROM metrics ORDER BY step"))
+    assert [tuple(r) for r in metrics] == [(1, 2, 16), (2, 3, 24)]
+    unit = asyncio.run(_fetch(migrated_url, "SELECT state FROM work_units WHERE id = $1", held))
+    assert unit[0]["state"] == "cancelled"
+    assert "closed on its deadline with 2 unit(s)" in (tmp_path / "coord.log").read_text()

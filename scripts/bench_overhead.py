@@ -1,0 +1,100 @@
+"""What does distribution cost? train-local versus a coordinator and one worker.
+
+Both train the same schedule (same seed, unit size, units per step) on the same machine,
+one after the other in this one run:
+
+* ``train-local``: the reference trainer, in this process, no PostgreSQL;
+* distributed: an embedded PostgreSQL, a coordinator and one worker as subprocesses,
+  for ``--max-staleness 0`` and ``1``.
+
+Figures are steady-state images per second: the first step (imports, warm-up, first
+weights fetch) is excluded, so the rate is images of steps 2..N over the time between the
+end of step 1 and the end of step N. For distributed runs those times come from the
+``metrics`` table (one row per step, stamped by PostgreSQL).
+
+Usage: python scripts/bench_overhead.py [--steps 12] [--unit-size 64] [--units-per-step 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+import torch
+
+from ganns_async.data import write_synthetic
+from ganns_async.embedded import embedded_postgres
+from ganns_async.local import LocalOptions, train_local
+from ganns_async.migrate import migrate
+from ganns_async.training import TrainConfig
+
+
+def local_rate(data: Path, out: Path, args: argparse.Namespace) -> float:
+    cfg = TrainConfig(seed=0, unit_size=args.unit_size, units_per_step=args.units_per_step, max_staleness=0)
+    result = train_local(LocalOptions(data=str(data), max_steps=args.steps, out=out, config=cfg,
+                                      checkpoint_every=10**9, threads=args.threads))
+    per_step = args.unit_size * args.units_per_step
+    return per_step * (args.steps - 1) / (result.step_ends[-1] - result.step_ends[0])
+
+
+async def _step_times(url: str) -> list[float]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT extract(epoch FROM created_at) AS t, images FROM metrics "
+                                "WHERE run_id = (SELECT max(id) FROM runs) ORDER BY step")
+        return [float(r["t"]) for r in rows]
+    finally:
+        await conn.close()
+
+
+def distributed_rate(url: str, data: Path, out: Path, staleness: int, args: argparse.Namespace) -> float:
+    base = [sys.executable, "-m", "ganns_async"]
+    env = {**os.environ, "GANNS_DB_URL": url, "GANNS_DATA": str(data), "GANNS_NO_TUI": "1",
+           "GANNS_LOG_LEVEL": "WARNING"}
+    worker = subprocess.Popen(base + ["worker", "--name", "bench", "--threads", str(args.threads)], env=env)
+    try:
+        subprocess.run(base + ["coordinator", "--max-steps", str(args.steps), "--max-staleness", str(staleness),
+                               "--unit-size", str(args.unit_size), "--units-per-step", str(args.units_per_step),
+                               "--checkpoint-every", str(10**6), "--out", str(out)], env=env, check=True)
+    finally:
+        worker.send_signal(2)
+        worker.wait(30)
+    times = asyncio.run(_step_times(url))
+    per_step = args.unit_size * args.units_per_step
+    return per_step * (len(times) - 1) / (times[-1] - times[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--unit-size", type=int, default=64)
+    ap.add_argument("--units-per-step", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ganns-bench-") as tmp:
+        tmp_path = Path(tmp)
+        data = tmp_path / "faces.zip"
+        write_synthetic(data, 1024)
+        print(f"bench_overhead: {args.steps} steps x {args.units_per_step} units x {args.unit_size} images, "
+              f"{args.threads} torch threads, {os.cpu_count()} cores, torch {torch.__version__}, "
+              f"{time.strftime('%Y-%m-%d')}", flush=True)
+        rates: dict[str, float] = {"train-local": local_rate(data, tmp_path / "local", args)}
+        with embedded_postgres() as url:
+            asyncio.run(migrate(url))
+            for k in (0, 1):
+                rates[f"distributed, 1 worker, staleness {k}"] = distributed_rate(url, data, tmp_path / f"d{k}", k, args)
+    ref = rates["train-local"]
+    print(f"{'mode':<38} {'img/s':>8} {'vs local':>9}")
+    for name, rate in rates.items():
+        print(f"{name:<38} {rate:>8.1f} {rate / ref:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
