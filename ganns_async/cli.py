@@ -116,10 +116,26 @@ def worker(
     """
     from ganns_async.worker import Worker, WorkerOptions
 
+    from ganns_async.tui import want_tui
+
     opts = WorkerOptions(db_url=db, data=data, name=name, device=device, batch_size=batch_size,
                          threads=threads, lease_s=lease, heartbeat_s=heartbeat, sweep_s=sweep)
+
+    async def main() -> int:
+        w = Worker(opts)
+        if not want_tui(no_tui):
+            return await w.run()
+        from ganns_async.dashboard import render_worker
+        from ganns_async.tui import LiveView, route_logging_for_tui, run_with_view
+        from ganns_async.worker import worker_snapshot
+
+        recent = route_logging_for_tui()
+        view = LiveView(lambda width, height: render_worker(
+            worker_snapshot(w.status, recent.lines[-1] if recent.lines else ""), width, height))
+        return await run_with_view(asyncio.ensure_future(w.run()), view.run)
+
     # A worker that is asked to stop has done nothing wrong: exit 0.
-    _run(lambda: _run_async(lambda: Worker(opts).run()), interrupted_code=0)
+    _run(lambda: _run_async(main), interrupted_code=0)
 
 
 # --- coordinator ----------------------------------------------------------------------
@@ -163,8 +179,9 @@ def coordinator(
     Writes OUT/checkpoint_latest.pth (loadable with the model card's snippet) and 8x8 sample
     grids OUT/samples/step_NNNNNN.png. Ctrl-C pauses the run; --resume continues it.
     """
-    from ganns_async.coordinator import Coordinator, CoordinatorOptions
+    from ganns_async.coordinator import CoordinatorOptions
     from ganns_async.training import TrainConfig
+    from ganns_async.tui import want_tui
 
     def body() -> None:
         if grad_dtype not in ("fp32", "bf16"):
@@ -175,9 +192,86 @@ def coordinator(
                                   step_timeout=step_timeout, min_units=min_units,
                                   checkpoint_every=checkpoint_every, sweep_s=sweep,
                                   eval_every=eval_every, eval_n=eval_n)
-        _run_async(lambda: Coordinator(opts).run())
+        _run_async(lambda: _coordinate(opts, tui=want_tui(no_tui)))
 
     _run(body)
+
+
+async def _coordinate(opts: Any, *, tui: bool) -> int:
+    from ganns_async.coordinator import Coordinator
+
+    coord = Coordinator(opts)
+    if not tui:
+        return await coord.run()
+    from ganns_async.cluster_state import SnapshotFeeder, starting_snapshot
+    from ganns_async.dashboard import render_cluster
+    from ganns_async.tui import LiveView, route_logging_for_tui, run_with_view
+
+    route_logging_for_tui(opts.out / "coordinator.log")
+    feeder = SnapshotFeeder(opts.db_url, title="coordinator", max_steps=opts.max_steps,
+                            run_id=lambda: getattr(coord, "run_id", None), samples_from_db=True)
+    view = LiveView(lambda width, height: render_cluster(feeder.latest or starting_snapshot("coordinator"),
+                                                         width, height))
+    return await run_with_view(asyncio.ensure_future(coord.run()), feeder.run, view.run)
+
+
+# --- watch ----------------------------------------------------------------------------
+
+
+@app.command()
+def watch(
+    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP),
+    run: Optional[int] = typer.Option(None, "--run", envvar="GANNS_RUN", help="Run id [default: the active one]."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", envvar="GANNS_MAX_STEPS", min=1,
+                                            help="Show progress and ETA towards this many steps."),
+    no_tui: bool = typer.Option(False, "--no-tui", envvar="GANNS_NO_TUI", help="One plain line per update."),
+) -> None:
+    """The class's dashboard, read-only, from any machine: for the projector or a student's laptop.
+
+    Shows the run, every worker and a leaderboard of contributions, the training curves, the
+    newest faces (generated here from the published weights) and the event log. Redraws when
+    PostgreSQL notifies a change; it writes nothing to the database.
+    """
+    from ganns_async.cluster_state import SnapshotFeeder, plain_line, starting_snapshot
+    from ganns_async.tui import want_tui
+
+    async def main() -> None:
+        tui = want_tui(no_tui)
+        feeder = SnapshotFeeder(db, title="watch", leaderboard=True, max_steps=max_steps,
+                                run_id=lambda: run, samples_from_db=tui)
+        # Fail fast with a clear line when the database is wrong, before any screen is drawn.
+        from ganns_async.db import Database
+        from ganns_async.migrate import require_migrated
+
+        probe = await Database.open(db, max_size=1)
+        try:
+            await require_migrated(probe)
+        finally:
+            await probe.close()
+        if tui:
+            from ganns_async.dashboard import render_cluster
+            from ganns_async.tui import LiveView, route_logging_for_tui, run_with_view
+
+            route_logging_for_tui()
+            view = LiveView(lambda width, height: render_cluster(feeder.latest or starting_snapshot("watch"),
+                                                                 width, height))
+            await run_with_view(asyncio.ensure_future(feeder.run()), view.run)
+            return
+        task = asyncio.ensure_future(feeder.run())
+        last = None
+        while not task.done():
+            feeder.updated.clear()
+            waiter = asyncio.ensure_future(feeder.updated.wait())
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if feeder.latest is not None:
+                line = plain_line(feeder.latest)
+                if line != last:
+                    print(line, flush=True)
+                    last = line
+        await task
+
+    _run(lambda: _run_async(main), interrupted_code=0)
 
 
 # --- train-local ----------------------------------------------------------------------
@@ -229,6 +323,8 @@ def demo(
     out: Path = typer.Option(Path("ganns-out"), "--out", envvar="GANNS_OUT", help="Checkpoint and sample grids go here."),
     count: int = typer.Option(2048, "--synthetic-count", envvar="GANNS_SYNTHETIC_COUNT", min=16,
                               help="Images in the synthetic dataset (when --data is not given)."),
+    no_tui: bool = typer.Option(False, "--no-tui", envvar="GANNS_NO_TUI",
+                                help="Interleaved log lines instead of the coordinator's dashboard."),
 ) -> None:
     """Everything on this machine: PostgreSQL, a coordinator and workers, a short training run.
 
@@ -239,7 +335,7 @@ def demo(
     from ganns_async.demo import DemoOptions, run_demo
 
     opts = DemoOptions(db_url=db, data=data, workers=workers, max_steps=max_steps, out=out,
-                       synthetic_count=count, debug=_state["debug"])
+                       synthetic_count=count, debug=_state["debug"], tui=not no_tui)
     _run(lambda: run_demo(opts))
 
 

@@ -31,6 +31,7 @@ GRADIENTS_CHANNEL = "ganns_gradients"
 CONTROL_CHANNEL = "ganns_control"
 WEIGHTS_CHANNEL = "ganns_weights"
 WORKERS_CHANNEL = "ganns_workers"
+EVENTS_CHANNEL = "ganns_events"
 
 CONNECT_TIMEOUT_S = 10.0
 

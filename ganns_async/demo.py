@@ -25,6 +25,7 @@ class DemoOptions:
     out: Path = Path("ganns-out")
     synthetic_count: int = 2048
     debug: bool = False
+    tui: bool = True
 
 
 def _say(msg: str) -> None:
@@ -69,14 +70,22 @@ def _run_cluster(opts: DemoOptions, url: str, started: float) -> None:
     env = {**os.environ, "GANNS_DB_URL": url, "GANNS_DATA": data, "GANNS_NO_TUI": "1"}
     coordinator_cmd = base + ["coordinator", "--max-steps", str(opts.max_steps), "--out", str(opts.out),
                               "--checkpoint-every", "5"]
+    # On a terminal the coordinator draws its dashboard, so the workers write to log files.
+    dashboard = opts.tui and sys.stdout.isatty()
+    coord_env = {k: v for k, v in env.items() if k != "GANNS_NO_TUI"} if dashboard else env
+    logs = opts.out / "logs"
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
         _say(f"starting the coordinator and {opts.workers} worker(s); training {opts.max_steps} steps")
-        coord = subprocess.Popen(coordinator_cmd, env=env)
+        if dashboard:
+            logs.mkdir(parents=True, exist_ok=True)
+            _say(f"worker logs: {logs.resolve()}")
+        coord = subprocess.Popen(coordinator_cmd, env=coord_env)
         procs.append(("coordinator", coord))
         for i in range(opts.workers):
             cmd = base + ["worker", "--name", f"demo-worker-{i + 1}", "--threads", str(threads)]
-            procs.append((f"worker {i + 1}", subprocess.Popen(cmd, env=env)))
+            out = open(logs / f"worker-{i + 1}.log", "wb") if dashboard else None  # noqa: SIM115
+            procs.append((f"worker {i + 1}", subprocess.Popen(cmd, env=env, stdout=out, stderr=out)))
         while coord.poll() is None:
             for name, proc in procs[1:]:
                 if proc.poll() is not None and proc.returncode != 0:

@@ -175,7 +175,27 @@ SELECT state, count(*) AS n FROM work_units WHERE run_id = $1 GROUP BY state;
 INSERT INTO events (run_id, kind, message) VALUES ($1, $2, $3);
 
 -- name: recent_events
-SELECT * FROM events WHERE run_id = $1 ORDER BY id DESC LIMIT $2;
+SELECT kind, message, extract(epoch FROM now() - created_at)::float8 AS age_s
+  FROM events WHERE run_id = $1 ORDER BY id DESC LIMIT $2;
+
+-- name: dashboard_workers
+-- Workers of a run, plus workers waiting for one; ages computed by the server's clock.
+SELECT id, name, device, state, units_done, images_done,
+       extract(epoch FROM now() - last_seen)::float8 AS last_seen_s,
+       extract(epoch FROM last_seen - joined_at)::float8 AS alive_s
+  FROM workers
+ WHERE run_id = $1 OR (run_id IS NULL AND state <> 'offline')
+ ORDER BY images_done DESC, id;
+
+-- name: recent_metrics
+SELECT step, g_loss, d_loss, d_x, d_g_z, swd, images,
+       extract(epoch FROM created_at)::float8 AS at,
+       extract(epoch FROM now() - created_at)::float8 AS age_s
+  FROM (SELECT * FROM metrics WHERE run_id = $1 ORDER BY step DESC LIMIT $2) AS recent
+ ORDER BY step;
+
+-- name: ping
+SELECT 1;
 
 -- name: register_worker
 INSERT INTO workers (name, hostname, device, cpu_info, gpu_info)
@@ -224,6 +244,12 @@ UPDATE workers
 -- name: release_unit
 UPDATE work_units SET state = 'pending', worker_id = NULL, lease_until = NULL
  WHERE id = $1 AND worker_id = $2 AND state = 'claimed';
+
+-- name: worker_rank
+SELECT (SELECT count(*) FROM workers WHERE run_id = $1 AND images_done > me.images_done) + 1 AS rank,
+       (SELECT count(*) FROM workers WHERE run_id = $1 AND state <> 'offline') AS total
+  FROM workers AS me
+ WHERE me.id = $2;
 
 -- name: workers_for_run
 SELECT * FROM workers WHERE run_id = $1 ORDER BY id;

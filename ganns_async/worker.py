@@ -90,6 +90,10 @@ class WorkerStatus:
     images_per_s: float = 0.0
     recent: deque[dict[str, float]] = field(default_factory=lambda: deque(maxlen=20))
     message: str = ""
+    unit_started: float | None = None  # time.monotonic() when the current unit was claimed
+    last_unit_s: float | None = None  # how long the previous unit took (progress estimate)
+    rank: int | None = None
+    workers_total: int | None = None
 
 
 class Worker:
@@ -198,6 +202,10 @@ class Worker:
             with contextlib.suppress(Exception):
                 if self.worker_id is not None:
                     await asyncio.wait_for(db.execute("worker_offline", self.worker_id), 5)
+                if self._joined_run is not None:
+                    await asyncio.wait_for(db.execute(
+                        "insert_event", self._joined_run, "leave",
+                        f"{self.status.name} left after {self.status.units_done} unit(s)"), 5)
         if self.listener is not None:
             await self.listener.close()
         if db is not None:
@@ -248,7 +256,7 @@ class Worker:
             await self._wait(self.opts.sweep_s)
             return
         if run["id"] != self._joined_run:
-            self._join(run)
+            await self._join(run)
         if run["status"] != "running":
             await self._set_state("paused")
             await self._wait(self.opts.sweep_s)
@@ -264,7 +272,7 @@ class Worker:
         await self._process(run, unit)
         self._unit = None
 
-    def _join(self, run: Any) -> None:
+    async def _join(self, run: Any) -> None:
         assert self.dataset is not None
         if run["dataset_fingerprint"] != self.dataset.fingerprint:
             raise UserError(
@@ -274,12 +282,15 @@ class Worker:
             )
         self._joined_run = run["id"]
         self._cfg = TrainConfig.from_mapping(_json(run["config"]))
+        assert self.db is not None
+        await self.db.execute("insert_event", run["id"], "join", f"{self.status.name} joined on {self.device}")
         log.info("joined run %s", run["id"])
 
     async def _process(self, run: Any, unit: Any) -> None:
         assert self.db is not None and self.dataset is not None
         started = time.perf_counter()
-        await self._set_state("computing", unit_id=unit["id"], unit_step=unit["step"], run_id=run["id"])
+        await self._set_state("computing", unit_id=unit["id"], unit_step=unit["step"], run_id=run["id"],
+                              unit_started=time.monotonic())
         if not await self._ensure_weights(run["id"], unit["version"]):
             # The version is gone (pruned while we claimed): give the unit back and
             # wait for the next published version instead of spinning on it.
@@ -305,7 +316,11 @@ class Worker:
         self._publish_status(
             state="idle", unit_id=None, units_done=self.status.units_done + 1,
             images_done=self.status.images_done + n, images_per_s=rate,
+            unit_started=None, last_unit_s=elapsed,
         )
+        ranked = await self.db.fetchrow("worker_rank", run["id"], self.worker_id)
+        if ranked is not None:
+            self._publish_status(rank=int(ranked["rank"]), workers_total=int(ranked["total"]))
         log.info("unit %s (step %s, v%s): %d images in %.2fs (%.1f img/s) d_loss=%.3f g_loss=%.3f",
                  unit["id"], unit["step"], unit["version"], n, elapsed, rate,
                  metrics.get("d_loss", float("nan")), metrics.get("g_loss", float("nan")))
@@ -342,6 +357,26 @@ class Worker:
             float_dtype=self._cfg.grad_dtype,
         )
         return blob, result.n_samples, bad, result.metrics
+
+
+def worker_snapshot(status: WorkerStatus, message: str = "") -> Any:
+    """The worker dashboard's snapshot, from the worker's in-memory status."""
+    from ganns_async.dashboard import WorkerSnapshot
+
+    progress = None
+    if status.unit_started is not None:
+        expected = status.last_unit_s or 10.0
+        progress = min(0.95, (time.monotonic() - status.unit_started) / expected)
+        if status.state == "uploading":
+            progress = max(progress, 0.95)
+    return WorkerSnapshot(
+        name=status.name, device=status.device, connection=status.connection, run_id=status.run_id,
+        state=status.state, unit_id=status.unit_id, unit_step=status.unit_step, unit_progress=progress,
+        units_done=status.units_done, images_done=status.images_done, images_per_s=status.images_per_s,
+        rank=status.rank, workers_total=status.workers_total,
+        recent_losses=tuple((m.get("d_loss", float("nan")), m.get("g_loss", float("nan"))) for m in status.recent),
+        message=message or status.message,
+    )
 
 
 def _json(value: Any) -> dict[str, Any]:

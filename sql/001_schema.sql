@@ -10,6 +10,7 @@
 --   ganns_control    '<run_id>:<status>'   a run was created, paused, resumed, stopped or finished
 --   ganns_weights    '<run_id>:<version>'  a run published a new weights version
 --   ganns_workers    '<worker_id>'         a worker joined, changed state or left
+--   ganns_events     '<run_id>'            a line was added to the event log
 
 BEGIN;
 
@@ -216,6 +217,17 @@ $$;
 
 CREATE TRIGGER workers_changed AFTER INSERT OR UPDATE ON workers
     FOR EACH ROW EXECUTE FUNCTION ganns_notify_worker();
+
+CREATE FUNCTION ganns_notify_event() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('ganns_events', coalesce(NEW.run_id::text, ''));
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER events_inserted AFTER INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION ganns_notify_event();
 
 INSERT INTO ganns_migrations (name) VALUES ('001_schema');
 

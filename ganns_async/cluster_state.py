@@ -1,0 +1,222 @@
+"""Reads the cluster's state from PostgreSQL into a dashboard snapshot.
+
+Used by the coordinator's dashboard and by ``ganns-async watch``. Queries run when a
+notification says something changed (workers, weights, events, control), at most a few
+times per second, plus a slow liveness refresh so "last seen" ages keep moving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ganns_async import codec
+from ganns_async.dashboard import ClusterSnapshot, EventLine, StepPoint, WorkerRow
+from ganns_async.db import (
+    CONNECTION_ERRORS,
+    CONTROL_CHANNEL,
+    EVENTS_CHANNEL,
+    WEIGHTS_CHANNEL,
+    WORKERS_CHANNEL,
+    Database,
+    Listener,
+)
+from ganns_async.model import Discriminator, Generator
+from ganns_async.training import TrainConfig, generate, load_state_tensors, sample_noise, state_tensors
+
+STALE_AFTER_S = 30.0  # three missed heartbeats
+HISTORY_STEPS = 60
+EVENT_LINES = 30
+
+
+def _cfg(run: Any) -> TrainConfig:
+    raw = run["config"]
+    return TrainConfig.from_mapping(json.loads(raw) if isinstance(raw, str) else dict(raw))
+
+
+def preview_image(g: Generator, seed: int, n: int = 16) -> np.ndarray:
+    """A 4x4 grid of faces from the run's fixed sample noise, as an H x W x 3 uint8 array."""
+    from torchvision.utils import make_grid
+
+    images = generate(g, sample_noise(seed, n))
+    grid = make_grid((images + 1) / 2, nrow=int(n**0.5), padding=1, pad_value=0.0)
+    return (grid.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()).copy()
+
+
+async def read_snapshot(
+    db: Database,
+    *,
+    title: str,
+    run_id: int | None = None,
+    max_steps: int | None = None,
+    sample: np.ndarray | None = None,
+    leaderboard: bool = False,
+) -> ClusterSnapshot:
+    started = time.perf_counter()
+    await db.fetchval("ping")
+    latency_ms = (time.perf_counter() - started) * 1000
+    run = await db.fetchrow("get_run", run_id) if run_id is not None else await db.fetchrow("active_run")
+    if run is None:
+        run = await db.fetchrow("latest_run")
+    if run is None:
+        return ClusterSnapshot(
+            title=title, run_id=None, status="waiting for a run", step=0, max_steps=max_steps, epoch=0,
+            epoch_fraction=0.0, images_per_s=0.0, effective_batch=0, since_last_step_s=None, eta_s=None,
+            db_ok=True, db_latency_ms=latency_ms, workers=(), history=(), events=(), sample=sample,
+            leaderboard=leaderboard,
+        )
+    cfg = _cfg(run)
+    rid = run["id"]
+    workers_rows = await db.fetch("dashboard_workers", rid)
+    metrics = await db.fetch("recent_metrics", rid, HISTORY_STEPS)
+    events = await db.fetch("recent_events", rid, EVENT_LINES)
+
+    total_images = sum(int(r["images_done"]) for r in workers_rows) or 1
+    workers = []
+    for r in workers_rows:
+        state = r["state"]
+        if state != "offline" and r["last_seen_s"] > STALE_AFTER_S:
+            state = "stale"
+        alive = max(1e-6, float(r["alive_s"] or 0))
+        workers.append(WorkerRow(
+            name=r["name"], device=r["device"], state=state, units_done=int(r["units_done"]),
+            images_done=int(r["images_done"]), images_per_s=float(r["images_done"]) / alive if alive > 1 else 0.0,
+            share=int(r["images_done"]) / total_images, last_seen_s=max(0.0, float(r["last_seen_s"])),
+        ))
+
+    steps = [m for m in metrics if m["step"] >= 1 and m["images"] > 0]
+    rate = 0.0
+    step_time = None
+    if len(steps) >= 2:
+        span = steps[-1]["at"] - steps[0]["at"]
+        if span > 0:
+            rate = sum(m["images"] for m in steps[1:]) / span
+            step_time = span / (len(steps) - 1)
+    since_last = float(steps[-1]["age_s"]) if steps else None
+    step = int(run["step"])
+    eta = None
+    if max_steps is not None and step_time is not None and run["status"] == "running":
+        eta = max(0, max_steps - step) * step_time
+    position = step * cfg.units_per_step * cfg.unit_size
+    size = int(run["dataset_size"])
+    return ClusterSnapshot(
+        title=title, run_id=rid, status=run["status"], step=step, max_steps=max_steps,
+        epoch=position // size, epoch_fraction=(position % size) / size, images_per_s=rate,
+        effective_batch=cfg.units_per_step * cfg.unit_size, since_last_step_s=since_last, eta_s=eta,
+        db_ok=True, db_latency_ms=latency_ms, workers=tuple(workers),
+        history=tuple(StepPoint(step=m["step"], g_loss=m["g_loss"], d_loss=m["d_loss"], d_x=m["d_x"],
+                                d_g_z=m["d_g_z"], swd=m["swd"]) for m in metrics),
+        events=tuple(EventLine(age_s=float(e["age_s"]), kind=e["kind"], message=e["message"]) for e in events),
+        sample=sample, leaderboard=leaderboard,
+    )
+
+
+def starting_snapshot(title: str, status: str = "starting") -> ClusterSnapshot:
+    return ClusterSnapshot(
+        title=title, run_id=None, status=status, step=0, max_steps=None, epoch=0, epoch_fraction=0.0,
+        images_per_s=0.0, effective_batch=0, since_last_step_s=None, eta_s=None, db_ok=True,
+        db_latency_ms=None, workers=(), history=(), events=(),
+    )
+
+
+def plain_line(snap: ClusterSnapshot) -> str:
+    """One greppable line per update, for `watch` when stdout is not a terminal."""
+    workers = " ".join(f"{w.name}={w.state}/{w.images_done}" for w in snap.workers)
+    total = f"/{snap.max_steps}" if snap.max_steps else ""
+    return (f"run={snap.run_id} status={snap.status} step={snap.step}{total} epoch={snap.epoch} "
+            f"img_per_s={snap.images_per_s:.1f} db={'ok' if snap.db_ok else 'down'} workers=[{workers}]")
+
+
+def offline_snapshot(previous: ClusterSnapshot | None, title: str) -> ClusterSnapshot:
+    """What to show while the database is unreachable: the last picture, marked DOWN."""
+    if previous is None:
+        return ClusterSnapshot(
+            title=title, run_id=None, status="database unreachable", step=0, max_steps=None, epoch=0,
+            epoch_fraction=0.0, images_per_s=0.0, effective_batch=0, since_last_step_s=None, eta_s=None,
+            db_ok=False, db_latency_ms=None, workers=(), history=(), events=(),
+        )
+    from dataclasses import replace
+
+    return replace(previous, db_ok=False, db_latency_ms=None)
+
+
+class SnapshotFeeder:
+    """Keeps ``latest`` fresh: re-reads on notifications (coalesced), and every ``liveness_s``."""
+
+    def __init__(self, url: str, *, title: str, leaderboard: bool = False, max_steps: int | None = None,
+                 run_id: Callable[[], int | None] = lambda: None, min_interval_s: float = 0.5,
+                 liveness_s: float = 10.0, samples_from_db: bool = False) -> None:
+        self.url = url
+        self.title = title
+        self.leaderboard = leaderboard
+        self.max_steps = max_steps
+        self.run_id = run_id
+        self.min_interval_s = min_interval_s
+        self.liveness_s = liveness_s
+        self.samples_from_db = samples_from_db
+        self.sample_every_s = 10.0  # decoding weights and sampling costs CPU the trainers want
+        self._sampled_at = 0.0
+        self.sample: np.ndarray | None = None
+        self.latest: ClusterSnapshot | None = None
+        self.updated = asyncio.Event()  # test signal
+        self._changed = asyncio.Event()
+        self._weights_changed = asyncio.Event()
+        self._sample_version: tuple[int, int] | None = None
+
+    def _notify(self, channel: str, _payload: str) -> None:
+        if channel == WEIGHTS_CHANNEL:
+            self._weights_changed.set()
+        self._changed.set()
+
+    async def run(self) -> None:
+        db = await Database.open(self.url, max_size=2)
+        listener = Listener(self.url, [WORKERS_CHANNEL, WEIGHTS_CHANNEL, CONTROL_CHANNEL, EVENTS_CHANNEL],
+                            self._notify, self._changed.set)
+        try:
+            await listener.start()
+            self._weights_changed.set()
+            while True:
+                self._changed.clear()
+                try:
+                    due = time.monotonic() - self._sampled_at >= self.sample_every_s
+                    if self.samples_from_db and self._weights_changed.is_set() and due:
+                        self._weights_changed.clear()
+                        self._sampled_at = time.monotonic()
+                        await self._refresh_sample(db)
+                    self.latest = await read_snapshot(
+                        db, title=self.title, run_id=self.run_id(), max_steps=self.max_steps,
+                        sample=self.sample, leaderboard=self.leaderboard)
+                except CONNECTION_ERRORS:
+                    self.latest = offline_snapshot(self.latest, self.title)
+                self.updated.set()
+                await asyncio.sleep(self.min_interval_s)  # coalesce bursts of notifications
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), self.liveness_s)
+        finally:
+            await listener.close()
+            await db.close()
+
+    async def _refresh_sample(self, db: Database) -> None:
+        """Faces from the newest published weights (read-only views have no model of their own)."""
+        run = await db.fetchrow("active_run") or await db.fetchrow("latest_run")
+        if run is None or (run["id"], run["step"]) == self._sample_version:
+            return
+        blob = await db.fetchval("weights_payload", run["id"], run["step"])
+        if blob is None:
+            return
+        seed = _cfg(run).seed
+
+        def render() -> np.ndarray:
+            g, d = Generator(), Discriminator()
+            tensors, _ = codec.decode_tensors(blob, expected=codec.tensor_spec(state_tensors(g, d)))
+            load_state_tensors(g, d, tensors)
+            return preview_image(g, seed)
+
+        self.sample = await asyncio.to_thread(render)
+        self._sample_version = (run["id"], run["step"])
