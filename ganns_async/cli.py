@@ -34,7 +34,8 @@ app.add_typer(data_app, name="data")
 _state = {"debug": False}
 
 DB_HELP = "PostgreSQL URL, e.g. postgresql://user:pass@host:5432/ganns"
-DATA_HELP = "CelebA img_align_celeba.zip (read in place) or a folder of images"
+DATA_HELP = ("CelebA img_align_celeba.zip (read in place), a folder of images, or hf://OWNER/REPO/PATH "
+             "(downloaded once into the Hugging Face cache)")
 
 
 def _setup_logging(level: str = "INFO") -> None:
@@ -172,6 +173,13 @@ def coordinator(
                                    help="Record the sliced Wasserstein distance (SWD) every N steps; 0 turns it off."),
     eval_n: int = typer.Option(512, "--eval-n", envvar="GANNS_EVAL_N", min=16,
                                help="Generated and real images compared for each SWD during training."),
+    hf_repo: Optional[str] = typer.Option(None, "--hf-repo", envvar="GANNS_HF_REPO",
+                                          help="Push the checkpoint, newest samples, metrics.png and a model card to "
+                                               "this Hugging Face repo (USER/NAME). Token: HF_TOKEN or `hf auth login`."),
+    hf_push_every: Optional[int] = typer.Option(None, "--hf-push-every", envvar="GANNS_HF_PUSH_EVERY", min=1,
+                                                help="Steps between pushes [default: --checkpoint-every]."),
+    hf_private: bool = typer.Option(False, "--hf-private", envvar="GANNS_HF_PRIVATE",
+                                    help="Create the Hub repo as private."),
     no_tui: bool = typer.Option(False, "--no-tui", envvar="GANNS_NO_TUI", help="Plain log lines instead of a dashboard."),
 ) -> None:
     """Run the training: publish weights and work units, aggregate gradients, step Adam.
@@ -191,7 +199,8 @@ def coordinator(
         opts = CoordinatorOptions(db_url=db, data=data, out=out, max_steps=max_steps, resume=resume, config=cfg,
                                   step_timeout=step_timeout, min_units=min_units,
                                   checkpoint_every=checkpoint_every, sweep_s=sweep,
-                                  eval_every=eval_every, eval_n=eval_n)
+                                  eval_every=eval_every, eval_n=eval_n, hf_repo=hf_repo,
+                                  hf_push_every=hf_push_every, hf_private=hf_private)
         _run_async(lambda: _coordinate(opts, tui=want_tui(no_tui)))
 
     _run(body)
@@ -432,6 +441,29 @@ def data_synth(
         path = write_synthetic(out, count, seed=seed, progress=progress)
         typer.echo("", err=True)
         typer.echo(f"wrote {count} images to {path}")
+
+    _run(body)
+
+
+@data_app.command("fetch")
+def data_fetch(
+    repo: str = typer.Option("gperdrizet/GANNs-with-friends", "--repo", envvar="GANNS_HF_DATA_REPO",
+                             help="Hugging Face repository holding the dataset."),
+    filename: str = typer.Option("data/img_align_celeba.zip", "--filename", envvar="GANNS_HF_DATA_FILE",
+                                 help="Path of the zip inside the repository."),
+    dest: Optional[Path] = typer.Option(None, "--dest", envvar="GANNS_HF_DATA_DEST",
+                                        help="Copy here instead of the Hugging Face cache."),
+) -> None:
+    """Download CelebA from the Hugging Face Hub (resumable, cached; HF_ENDPOINT picks the server).
+
+    Prints the local path to pass as --data. Workers and the coordinator can also take
+    --data hf://REPO/PATH and fetch on first use.
+    """
+    from ganns_async.hub import fetch_dataset
+
+    def body() -> None:
+        path = fetch_dataset(repo, filename, dest=dest)
+        typer.echo(str(path))
 
     _run(body)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import contextlib
 import json
 import logging
@@ -53,6 +54,9 @@ class CoordinatorOptions:
     checkpoint_every: int = 10
     eval_every: int = 10  # SWD every N steps (0: never)
     eval_n: int = 512  # images per side for SWD during training
+    hf_repo: str | None = None  # push checkpoint, samples and a model card here
+    hf_push_every: int | None = None  # steps between pushes [default: checkpoint_every]
+    hf_private: bool = False
     sweep_s: float = 15.0
 
 
@@ -83,7 +87,14 @@ class Coordinator:
         self._eval_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval")
         self._evals: dict[int, asyncio.Task[None]] = {}
         self.swd: dict[int, float] = {}
+        # Hub pushes: one at a time, on their own thread; failures back off, never stop training.
+        self._push_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub")
+        self._push_task: asyncio.Task[None] | None = None
+        self._pusher: Any = None
+        self._push_failures = 0
+        self._push_not_before = 0.0
         self.acc: dict[int, StepAccumulator] = {}
+        self._contributors: set[int] = set()
         self.ready = asyncio.Event()  # test signal: run published, listening
 
     def _notify(self, _channel: str, _payload: str) -> None:
@@ -101,7 +112,19 @@ class Coordinator:
 
     async def run(self) -> int:
         opts = self.opts
-        self.dataset = await asyncio.to_thread(ImageDataset.open, opts.data)
+        from ganns_async.hub import resolve_data
+
+        local = await asyncio.to_thread(resolve_data, opts.data)
+        self.dataset = await asyncio.to_thread(ImageDataset.open, local)
+        self._pusher = None
+        if opts.hf_repo:
+            from ganns_async.hub import HubPusher
+
+            self._pusher = HubPusher(opts.hf_repo, private=opts.hf_private)
+            try:
+                self._pusher._resolve_token()  # no token at all: say so now, not after an hour of training
+            except Exception as exc:  # noqa: BLE001
+                raise UserError(str(exc)) from None
         opts.out.mkdir(parents=True, exist_ok=True)
         self.db = await Database.open(opts.db_url)
         finished = False
@@ -139,6 +162,9 @@ class Coordinator:
             await db.close()
         for task in self._evals.values():
             task.cancel()
+        if self._push_task is not None:
+            self._push_task.cancel()
+        self._push_executor.shutdown(wait=False, cancel_futures=True)
         self._eval_executor.shutdown(wait=False, cancel_futures=True)
         self._executor.shutdown(wait=True)
         self.dataset.close()
@@ -340,6 +366,7 @@ class Coordinator:
                 "insert_metrics", self.run_id, self.step, epoch, acc.n, len(acc.units),
                 metrics.get("g_loss"), metrics.get("d_loss"), metrics.get("d_x"), metrics.get("d_g_z"), None,
             )
+        self._contributors.update(acc.workers)
         del self.acc[closed]
         keep_from = max(0, self.step - self.cfg.max_staleness - 1)
         await self.db.execute("prune_weights", self.run_id, keep_from)
@@ -362,6 +389,8 @@ class Coordinator:
         if self.step % self.opts.checkpoint_every == 0:
             self._write_outputs()
             await self._write_metrics_plot()
+        if self._pusher is not None and self.step % (self.opts.hf_push_every or self.opts.checkpoint_every) == 0:
+            self._maybe_push()
         self._publish()
 
     def _publish(self) -> None:
@@ -382,6 +411,13 @@ class Coordinator:
             await asyncio.wrap_future(fut)
         self._pending_io.clear()
         await self._write_metrics_plot()
+        if self._pusher is not None:
+            if self._push_task is not None:
+                await asyncio.gather(self._push_task, return_exceptions=True)
+            self._push_not_before = 0.0  # the final state is worth one more try
+            self._maybe_push()
+            if self._push_task is not None:
+                await asyncio.gather(self._push_task, return_exceptions=True)
         await self.db.execute("set_run_status", self.run_id, "done")
         if self.swd:
             first, last = min(self.swd), max(self.swd)
@@ -389,6 +425,42 @@ class Coordinator:
                                          f"{self.swd[last]:.1f} at step {last}")
         await self._event("run", f"run {self.run_id} finished at step {self.step}")
         log.info("checkpoint: %s", self.opts.out / CHECKPOINT_NAME)
+
+    # --- Hugging Face Hub -----------------------------------------------------------------
+
+    def _maybe_push(self) -> None:
+        """Start a push unless one is running or we are backing off after failures."""
+        if self._push_task is not None and not self._push_task.done():
+            return
+        if time.monotonic() < self._push_not_before:
+            return
+        info = {"step": self.step, "epoch": self.status.epoch, "images_seen": self.images_seen,
+                "workers": len(self._contributors), "swd": self.swd[max(self.swd)] if self.swd else None,
+                "config": dataclasses.asdict(self.cfg)}
+        self._push_task = asyncio.create_task(self._push(info), name=f"push-{self.step}")
+
+    async def _push(self, info: dict[str, Any]) -> None:
+        from ganns_async.hub import PushError, push_backoff
+
+        assert self._pusher is not None
+        # The checkpoint for this step is written on the train thread first.
+        for fut in list(self._pending_io):
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(fut)
+        try:
+            url = await asyncio.get_running_loop().run_in_executor(
+                self._push_executor, self._pusher.push, self.opts.out, info)
+        except (PushError, Exception) as exc:  # noqa: BLE001 - a push must never stop training
+            self._push_failures += 1
+            delay = push_backoff(self._push_failures)
+            if isinstance(exc, PushError) and not exc.transient:
+                delay = max(delay, 600.0)
+            self._push_not_before = time.monotonic() + delay
+            await self._event("hub", f"push of step {info['step']} to {self.opts.hf_repo} failed: {exc}; "
+                                     f"next try in {delay:.0f}s or later")
+            return
+        self._push_failures = 0
+        await self._event("hub", f"pushed step {info['step']} to {url}")
 
     # --- quality -----------------------------------------------------------------------
 

@@ -160,7 +160,11 @@ class Worker:
         if opts.threads:
             torch.set_num_threads(opts.threads)
         self.device = pick_device(opts.device)
-        self.dataset = await asyncio.to_thread(ImageDataset.open, opts.data)
+        from ganns_async.hub import resolve_data
+
+        # `hf://OWNER/REPO/PATH` downloads once into the Hub cache (progress on stderr).
+        local = await asyncio.to_thread(resolve_data, opts.data)
+        self.dataset = await asyncio.to_thread(ImageDataset.open, local)
         self.g, self.d = build_models(0)
         self.g.to(self.device)
         self.d.to(self.device)

@@ -112,7 +112,8 @@ def test_coordinator_and_two_workers_train_and_checkpoint_loads(migrated_url: st
         for i in range(2):
             asyncio.run(_wait_for_worker_state(migrated_url, f"w{i}", "idle"))
         coord = cli("coordinator", *common, "--no-tui", "--max-steps", "3", "--unit-size", "16",
-                    "--units-per-step", "2", "--checkpoint-every", "1", "--out", str(out), timeout=300)
+                    "--units-per-step", "2", "--checkpoint-every", "1", "--eval-n", "64", "--out", str(out),
+                    timeout=300)
         assert coord.returncode == 0, coord.stdout + coord.stderr
     finally:
         codes = [_stop(w) for w in workers]
@@ -132,8 +133,15 @@ def test_coordinator_and_two_workers_train_and_checkpoint_loads(migrated_url: st
 
     rows = asyncio.run(_fetch(migrated_url, "SELECT status, step, images_seen FROM runs"))
     assert [tuple(r) for r in rows] == [("done", 3, 96)]
-    metrics = asyncio.run(_fetch(migrated_url, "SELECT step, units, images FROM metrics ORDER BY step"))
+    metrics = asyncio.run(_fetch(migrated_url, "SELECT step, units, images FROM metrics WHERE step >= 1 ORDER BY step"))
     assert [tuple(r) for r in metrics] == [(1, 2, 32), (2, 2, 32), (3, 2, 32)]
+    # Quality is recorded at step 0 (the baseline) and at the end, and plotted.
+    swd = asyncio.run(_fetch(migrated_url, "SELECT step, swd FROM metrics WHERE swd IS NOT NULL ORDER BY step"))
+    assert [r["step"] for r in swd] == [0, 3] and all(r["swd"] > 0 for r in swd)
+    assert (out / "metrics.png").stat().st_size > 1000
+    evaluated = cli("eval", "--checkpoint", str(out / "checkpoint_latest.pth"), "--data", str(synth_zip), "--n", "32")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "swd_avg" in evaluated.stdout and "swd_16" in evaluated.stdout and "fid" not in evaluated.stdout
     contributors = asyncio.run(_fetch(migrated_url, "SELECT name, units_done, state FROM workers ORDER BY name"))
     assert sum(r["units_done"] for r in contributors) == 6
     assert all(r["state"] == "offline" for r in contributors)
