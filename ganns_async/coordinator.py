@@ -26,7 +26,15 @@ from typing import Any
 
 from ganns_async import codec
 from ganns_async.data import ImageDataset
-from ganns_async.db import CONTROL_CHANNEL, GRADIENTS_CHANNEL, Database, Listener
+from ganns_async.db import (
+    CONNECTION_ERRORS,
+    CONTROL_CHANNEL,
+    GRADIENTS_CHANNEL,
+    Database,
+    Listener,
+    backoff_delays,
+    hold_run_lock,
+)
 from ganns_async.errors import PayloadError, UserError
 from ganns_async.migrate import require_migrated
 from ganns_async.outputs import CHECKPOINT_NAME, write_checkpoint, write_sample_grid
@@ -40,6 +48,8 @@ from ganns_async.training import (
 )
 
 log = logging.getLogger("ganns_async.coordinator")
+
+MAX_UNIT_ATTEMPTS = 3  # a unit whose gradient was rejected this often is given up on
 
 @dataclass
 class CoordinatorOptions:
@@ -91,9 +101,12 @@ class Coordinator:
         self._push_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub")
         self._push_task: asyncio.Task[None] | None = None
         self._pusher: Any = None
+        self._lock_conn: Any = None
+        self._given_up: dict[int, set[int]] = {}  # step -> units cancelled after repeated bad gradients
         self._push_failures = 0
         self._push_not_before = 0.0
         self.acc: dict[int, StepAccumulator] = {}
+        self._backoff = iter(backoff_delays())
         self._contributors: set[int] = set()
         self.ready = asyncio.Event()  # test signal: run published, listening
 
@@ -150,7 +163,7 @@ class Coordinator:
         if db is not None and getattr(self, "run_id", None) is not None and not finished:
             # Interrupted: pause the run so workers idle; `--resume` picks it up again.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(db.execute("set_run_status", self.run_id, "paused"), 5)
+                await asyncio.wait_for(db.execute("pause_run", self.run_id), 5)
                 await asyncio.wait_for(db.execute(
                     "insert_event", self.run_id, "coordinator",
                     f"coordinator stopped at step {self.step}; continue with --resume"), 5)
@@ -158,6 +171,9 @@ class Coordinator:
                          self.run_id, self.step)
         if self.listener is not None:
             await self.listener.close()
+        if self._lock_conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._lock_conn.close(), 5)
         if db is not None:
             await db.close()
         for task in self._evals.values():
@@ -180,6 +196,7 @@ class Coordinator:
         run = await self.db.fetchrow("create_run", cfg.to_json(), self.dataset.fingerprint, len(self.dataset))
         assert run is not None
         self.run_id = run["id"]
+        self._lock_conn = await hold_run_lock(self.opts.db_url, self.run_id)
         self.trainer = Trainer(cfg)
         self.step = 0
         self.next_seq = 0
@@ -208,6 +225,12 @@ class Coordinator:
                 f"cannot resume run {run['id']}: it trained on a different dataset "
                 f"(fingerprint {run['dataset_fingerprint']}, --data has {self.dataset.fingerprint})"
             )
+        self._lock_conn = await hold_run_lock(self.opts.db_url, run["id"])
+        if self._lock_conn is None:
+            raise UserError(f"run {run['id']} is being coordinated by another process (it holds the run's lock); "
+                            "stop that coordinator first")
+        run = await self.db.fetchrow("get_run", run["id"])  # re-read now that it is ours
+        assert run is not None
         self.run_id = run["id"]
         self.cfg = TrainConfig.from_mapping(_json(run["config"]))
         self.trainer = Trainer(self.cfg)
@@ -267,15 +290,30 @@ class Coordinator:
                 await self._finish()
                 return True
             self.wake.clear()
-            await self._drain()
-            if await self._maybe_close_step():
+            try:
+                await self._drain()
+                now = time.monotonic()
+                if now >= next_sweep:
+                    await self._sweep()
+                    next_sweep = now + self.opts.sweep_s
+            except CONNECTION_ERRORS as exc:
+                # Reading and folding gradients is safe to repeat (each unit counts once).
+                delay = next(self._backoff)
+                log.warning("database unavailable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
                 continue
+            self._backoff = iter(backoff_delays())
+            try:
+                if await self._maybe_close_step():
+                    continue
+            except CONNECTION_ERRORS as exc:
+                # Half a publish is not safe to repeat in memory; the database knows where we were.
+                raise UserError(f"lost the database while publishing step {self.step}: {exc}; "
+                                "restart the coordinator with --resume") from exc
             now = time.monotonic()
-            if now >= next_sweep:
-                await self._sweep()
-                next_sweep = now + self.opts.sweep_s
-                continue
             deadline = self._step_opened + self.opts.step_timeout
+            if self._overdue():
+                deadline = next_sweep  # overdue but short of --min-units: wait for gradients, don't spin
             timeout = max(0.05, min(next_sweep, deadline) - now)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)
@@ -312,8 +350,13 @@ class Coordinator:
         except PayloadError as exc:
             self.status.rejected += 1
             reason = str(exc)
-            await self.db.execute("reject_gradient", row["id"], row["unit_id"], self.run_id, row["worker_id"], reason)
+            state = await self.db.fetchval("reject_gradient", row["id"], row["unit_id"], self.run_id,
+                                           row["worker_id"], reason, MAX_UNIT_ATTEMPTS)
             await self._event("rejected", f"gradient from {who} for unit {row['unit_id']} rejected: {reason}")
+            if state == "cancelled":
+                self._given_up.setdefault(row["step"], set()).add(row["unit_id"])
+                await self._event("rejected", f"unit {row['unit_id']} gave bad gradients {MAX_UNIT_ATTEMPTS} times; "
+                                              "step goes on without it")
             return
         acc = self.acc.get(row["step"])
         if acc is None:
@@ -332,14 +375,17 @@ class Coordinator:
             raise PayloadError("metrics must be a map of numbers")
         return split_result(tensors, self.trainer.g, self.trainer.d, n_samples, metrics)
 
+    def _overdue(self) -> bool:
+        return time.monotonic() - self._step_opened >= self.opts.step_timeout
+
     async def _maybe_close_step(self) -> bool:
-        acc = self.acc.get(self.step)
-        arrived = len(acc.units) if acc else 0
-        if arrived >= self.cfg.units_per_step:
-            await self._close_step(acc, partial=False)
+        acc = self.acc.get(self.step) or StepAccumulator(self.step)
+        given_up = len(self._given_up.get(self.step, ()))
+        arrived = len(acc.units)
+        if arrived + given_up >= self.cfg.units_per_step:
+            await self._close_step(acc, partial=given_up > 0)
             return True
-        overdue = time.monotonic() - self._step_opened >= self.opts.step_timeout
-        if overdue and acc is not None and arrived >= self.opts.min_units:
+        if self._overdue() and arrived >= self.opts.min_units:
             await self._close_step(acc, partial=True)
             return True
         return False
@@ -367,7 +413,8 @@ class Coordinator:
                 metrics.get("g_loss"), metrics.get("d_loss"), metrics.get("d_x"), metrics.get("d_g_z"), None,
             )
         self._contributors.update(acc.workers)
-        del self.acc[closed]
+        self.acc.pop(closed, None)
+        self._given_up.pop(closed, None)
         keep_from = max(0, self.step - self.cfg.max_staleness - 1)
         await self.db.execute("prune_weights", self.run_id, keep_from)
         await self.db.execute("prune_optimizer_state", self.run_id, self.step)
@@ -408,7 +455,10 @@ class Coordinator:
         await self._wait_for_evals()
         self._write_outputs()
         for fut in self._pending_io:
-            await asyncio.wrap_future(fut)
+            try:
+                await asyncio.wrap_future(fut)
+            except OSError as exc:
+                raise UserError(f"could not write the checkpoint or samples under {self.opts.out}: {exc}") from exc
         self._pending_io.clear()
         await self._write_metrics_plot()
         if self._pusher is not None:
@@ -501,6 +551,9 @@ class Coordinator:
     def _write_outputs(self) -> None:
         """Queue a checkpoint and a sample grid on the compute thread (after this step's math)."""
         fut = self._executor.submit(self._write_outputs_now, self.step, self.status.epoch, self.images_seen)
+        for done in (f for f in self._pending_io if f.done()):
+            if done.exception() is not None:
+                log.error("writing the checkpoint or samples failed: %s", done.exception())
         self._pending_io = [f for f in self._pending_io if not f.done()] + [fut]
 
     def _write_outputs_now(self, step: int, epoch: int, images_seen: int) -> None:

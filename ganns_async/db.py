@@ -194,6 +194,19 @@ class Tx:
         await self.conn.execute(sql)
 
 
+async def hold_run_lock(url: str, run_id: int) -> asyncpg.Connection | None:
+    """Take the run's advisory lock on a connection of its own; None if someone holds it.
+
+    The lock lives as long as the returned connection (a pooled one would drop it on
+    release), so two coordinators can never drive the same run.
+    """
+    conn = await connect(url)
+    if await conn.fetchval(queries()["try_lock_run"], run_id):
+        return conn
+    await conn.close()
+    return None
+
+
 def backoff_delays(base: float = 0.5, cap: float = 15.0) -> Iterable[float]:
     """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**n))."""
     n = 0
@@ -240,8 +253,12 @@ class Listener:
         conn = await connect(self.url)
         self._lost.clear()
         conn.add_termination_listener(lambda _c: self._lost.set())
-        for channel in self.channels:
-            await conn.add_listener(channel, self._dispatch)
+        try:
+            for channel in self.channels:
+                await conn.add_listener(channel, self._dispatch)
+        except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - dropped right after login
+            conn.terminate()
+            raise UserError(f"could not LISTEN: {exc}") from exc
         self._conn = conn
         self.connected.set()
         if self.on_reconnect is not None:
@@ -257,9 +274,9 @@ class Listener:
             except asyncio.TimeoutError:
                 try:
                     assert self._conn is not None
-                    await asyncio.wait_for(self._conn.execute("SELECT 1"), 10)
+                    await asyncio.wait_for(self._conn.fetchval(queries()["ping"]), 10)
                     continue
-                except CONNECTION_ERRORS:
+                except (*CONNECTION_ERRORS, asyncpg.PostgresError):
                     pass
             self.connected.clear()
             await self._drop()
@@ -271,7 +288,7 @@ class Listener:
                     self.reconnects += 1
                     log.info("listener reconnected")
                     break
-                except UserError:
+                except (UserError, *CONNECTION_ERRORS, asyncpg.PostgresError):
                     continue
 
     async def _drop(self) -> None:

@@ -149,10 +149,16 @@ WITH gone AS (DELETE FROM gradients WHERE id = $1)
 UPDATE work_units SET state = 'used' WHERE id = $2;
 
 -- name: reject_gradient
--- The unit goes back to pending (the update trigger wakes the workers).
+-- The unit goes back to pending (the update trigger wakes the workers), unless it has
+-- failed $6 times already: a unit that always yields a bad gradient is given up on, so it
+-- cannot keep the whole class busy recomputing it.
 WITH gone AS (DELETE FROM gradients WHERE id = $1),
      logged AS (INSERT INTO rejections (run_id, unit_id, worker_id, reason) VALUES ($3, $2, $4, $5))
-UPDATE work_units SET state = 'pending', worker_id = NULL, lease_until = NULL WHERE id = $2;
+UPDATE work_units
+   SET state = CASE WHEN attempts >= $6 THEN 'cancelled' ELSE 'pending' END,
+       worker_id = NULL, lease_until = NULL
+ WHERE id = $2
+RETURNING state;
 
 -- name: drop_gradient
 -- Its step already closed: too stale to count.
@@ -240,6 +246,20 @@ VALUES ($1, $2, $3, $4, $5, $6);
 UPDATE workers
    SET units_done = units_done + 1, images_done = images_done + $2, last_seen = now()
  WHERE id = $1;
+
+-- name: release_my_units
+-- On exit: whatever this worker still holds goes back, even a claim it never saw answered.
+UPDATE work_units SET state = 'pending', worker_id = NULL, lease_until = NULL
+ WHERE worker_id = $1 AND state = 'claimed'
+RETURNING id;
+
+-- name: pause_run
+-- Only a running run is paused: a newer coordinator may have taken over or stopped it.
+UPDATE runs SET status = 'paused', updated_at = now() WHERE id = $1 AND status = 'running';
+
+-- name: try_lock_run
+-- One coordinator per run: a session-level lock held on a dedicated connection.
+SELECT pg_try_advisory_lock(72184555, $1::integer);
 
 -- name: release_unit
 UPDATE work_units SET state = 'pending', worker_id = NULL, lease_until = NULL

@@ -248,6 +248,8 @@ class StepAccumulator:
         self._metrics: dict[str, float] = {}
 
     def add(self, unit_id: int, result: UnitResult, worker_id: int | None = None) -> None:
+        if unit_id in self.units:
+            return  # seen already (e.g. re-read after a lost connection): count each unit once
         self.units.add(unit_id)
         if worker_id is not None:
             self.workers.add(worker_id)

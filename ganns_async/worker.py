@@ -199,9 +199,10 @@ class Worker:
         db = self.db
         if db is not None:
             with contextlib.suppress(Exception):
-                if self._unit is not None and self.worker_id is not None:
-                    await asyncio.wait_for(db.execute("release_unit", self._unit["id"], self.worker_id), 5)
-                    log.info("released unit %s", self._unit["id"])
+                if self.worker_id is not None:
+                    released = await asyncio.wait_for(db.fetch("release_my_units", self.worker_id), 5)
+                    for row in released:
+                        log.info("released unit %s", row["id"])
                     self._unit = None
             with contextlib.suppress(Exception):
                 if self.worker_id is not None:
@@ -229,7 +230,7 @@ class Worker:
                     held = await self.db.fetchval("extend_lease", unit["id"], self.worker_id, self.opts.lease_s)
                     if held is None:
                         log.warning("lost the lease on unit %s (it will be recomputed elsewhere)", unit["id"])
-            except CONNECTION_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - a dead heartbeat would silently lose every lease
                 log.warning("heartbeat failed: %s", exc)
                 self._publish_status(connection="reconnecting")
 

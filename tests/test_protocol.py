@@ -81,7 +81,7 @@ def test_gradient_insert_and_requeue_notify(migrated_url: str) -> None:
             assert channel == GRADIENTS_CHANNEL and payload.startswith(f"{run_id}:")
             # A rejected gradient sends its unit back to pending, which wakes the workers.
             grad_id = int(payload.split(":")[1])
-            await db.execute("reject_gradient", grad_id, unit["id"], run_id, w, "test")
+            assert await db.fetchval("reject_gradient", grad_id, unit["id"], run_id, w, "test", 3) == "pending"
             assert await asyncio.wait_for(queue.get(), 5) == (UNITS_CHANNEL, str(run_id))
             assert await db.fetchval("gradient_payload", grad_id) is None
         finally:

@@ -145,3 +145,34 @@ def test_step_closes_on_its_deadline_with_min_units(migrated_url: str, synth_zip
     unit = asyncio.run(_fetch(migrated_url, "SELECT state FROM work_units WHERE id = $1", held))
     assert unit[0]["state"] == "cancelled"
     assert "closed on its deadline with 2 unit(s)" in (tmp_path / "coord.log").read_text()
+
+
+def test_a_second_coordinator_cannot_take_over_a_live_run(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    from conftest import cli
+
+    common = ["--db", migrated_url, "--data", str(synth_zip)]
+    first = _spawn("coordinator", *common, "--max-steps", "5", "--eval-every", "0", "--out", str(tmp_path / "a"),
+                   log=tmp_path / "first.log")
+    try:
+        async def wait_for_run() -> None:
+            conn = await asyncpg.connect(migrated_url)
+            changed = asyncio.Event()
+            await conn.add_listener("ganns_units", lambda *_: changed.set())
+            try:
+                while not await conn.fetchval("SELECT count(*) FROM work_units"):
+                    changed.clear()
+                    if await conn.fetchval("SELECT count(*) FROM work_units"):
+                        break
+                    await asyncio.wait_for(changed.wait(), 120)
+            finally:
+                await conn.close()
+
+        asyncio.run(wait_for_run())
+        second = cli("coordinator", *common, "--resume", "--max-steps", "5", "--out", str(tmp_path / "b"))
+        assert second.returncode != 0
+        assert "being coordinated by another process" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        _stop(first)
+    # Interrupted, the first one paused its run: a later --resume may take it.
+    status = asyncio.run(_fetch(migrated_url, "SELECT status FROM runs"))
+    assert status[0]["status"] == "paused"
