@@ -196,3 +196,21 @@ def test_ctrl_c_gives_the_unit_back_at_once(migrated_url: str, synth_zip: Path, 
     finally:
         _stop(coord)
         _stop(worker)
+
+
+def test_worker_with_other_data_refuses_to_join(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    from ganns_async.data import write_synthetic
+
+    other = write_synthetic(tmp_path / "other.zip", 40, seed=99)
+    coord = _spawn("coordinator", "--db", migrated_url, "--data", str(synth_zip), "--max-steps", "1",
+                   "--eval-every", "0", "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
+    try:
+        # The worker waits for the run (woken by its notification), then refuses it.
+        r = cli("worker", "--db", migrated_url, "--data", str(other), "--name", "stranger", "--no-tui", timeout=180)
+    finally:
+        _stop(coord)
+    assert r.returncode != 0
+    assert r.stderr.startswith("error: refusing to join run") and "fingerprint" in r.stderr
+    assert "Traceback" not in r.stderr
+    state = asyncio.run(_fetch(migrated_url, "SELECT state FROM workers WHERE name = 'stranger'"))
+    assert state[0]["state"] == "offline"
