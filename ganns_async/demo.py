@@ -32,10 +32,15 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(opts: DemoOptions) -> None:
-    # Ctrl-C reaches the children too (same process group); SIGTERM to us should
-    # behave the same way, so turn it into KeyboardInterrupt.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C reaches the children too (same process group); SIGTERM and SIGHUP to us
+    # should behave the same way, so turn them into KeyboardInterrupt.
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # also a closed terminal: never leave a server behind
+        signal.signal(sig, _interrupt)
     opts.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     if opts.db_url:

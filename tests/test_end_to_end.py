@@ -214,3 +214,14 @@ def test_worker_with_other_data_refuses_to_join(migrated_url: str, synth_zip: Pa
     assert "Traceback" not in r.stderr
     state = asyncio.run(_fetch(migrated_url, "SELECT state FROM workers WHERE name = 'stranger'"))
     assert state[0]["state"] == "offline"
+
+
+def test_demo_runs_end_to_end_on_its_own_embedded_postgres(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    r = cli("demo", "--max-steps", "2", "--synthetic-count", "64", "--out", str(out), timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[demo] checkpoint:" in r.stdout and "[demo] quality:      SWD x1e3" in r.stdout
+    ckpt = torch.load(out / "checkpoint_latest.pth", map_location="cpu")
+    assert ckpt["step"] == 2
+    assert (out / "metrics.png").exists() and list((out / "samples").glob("step_*.png"))
+    assert "Traceback" not in r.stdout + r.stderr
