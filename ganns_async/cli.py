@@ -283,6 +283,44 @@ def watch(
     _run(lambda: _run_async(main), interrupted_code=0)
 
 
+# --- control --------------------------------------------------------------------------
+
+
+@app.command()
+def control(
+    action: str = typer.Argument(..., help="pause, resume or stop"),
+    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP),
+    run: Optional[int] = typer.Option(None, "--run", envvar="GANNS_RUN", help="Run id [default: the active one]."),
+) -> None:
+    """Pause, resume or stop the class's run (the same as an UPDATE of runs.status in psql).
+
+    pause: workers finish their unit and wait. resume: they start again. stop: the
+    coordinator writes its checkpoint and exits; `coordinator --resume` can continue later.
+    """
+    from ganns_async.db import Database
+
+    targets = {"pause": ("paused", {"running"}), "resume": ("running", {"paused"}), "stop": ("stopped", {"running", "paused"})}
+
+    async def main() -> None:
+        if action not in targets:
+            raise UserError(f"unknown action {action!r}: choose pause, resume or stop")
+        status, allowed = targets[action]
+        database = await Database.open(db, max_size=1)
+        try:
+            row = await database.fetchrow("get_run", run) if run is not None else await database.fetchrow("active_run")
+            if row is None:
+                raise UserError("no such run" if run is not None else "no active run to control")
+            if row["status"] not in allowed:
+                raise UserError(f"run {row['id']} is {row['status']}; cannot {action} it")
+            await database.execute("set_run_status", row["id"], status)
+            await database.execute("insert_event", row["id"], "control", f"run {row['id']} {status} by the operator")
+            typer.echo(f"run {row['id']}: {row['status']} -> {status}")
+        finally:
+            await database.close()
+
+    _run(lambda: _run_async(main))
+
+
 # --- train-local ----------------------------------------------------------------------
 
 

@@ -107,11 +107,30 @@ class Coordinator:
         self._push_not_before = 0.0
         self.acc: dict[int, StepAccumulator] = {}
         self._backoff = iter(backoff_delays())
+        self._control_changed = False
         self._contributors: set[int] = set()
         self.ready = asyncio.Event()  # test signal: run published, listening
 
-    def _notify(self, _channel: str, _payload: str) -> None:
+    def _notify(self, channel: str, payload: str) -> None:
+        if channel == CONTROL_CHANNEL:
+            self._control_changed = True
         self.wake.set()
+
+    async def _stopped_by_operator(self) -> bool:
+        """`ganns-async control stop` (or a psql UPDATE) ends the run; pause just idles the workers."""
+        if not self._control_changed:
+            return False
+        self._control_changed = False
+        assert self.db is not None
+        run = await self.db.fetchrow("get_run", self.run_id)
+        if run is None or run["status"] != "stopped":
+            return False
+        self._write_outputs()
+        for fut in self._pending_io:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(fut)
+        await self._event("run", f"run {self.run_id} stopped by the operator at step {self.step}")
+        return True
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -290,6 +309,8 @@ class Coordinator:
                 await self._finish()
                 return True
             self.wake.clear()
+            if await self._stopped_by_operator():
+                return True
             try:
                 await self._drain()
                 now = time.monotonic()

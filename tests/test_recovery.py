@@ -176,3 +176,32 @@ def test_a_second_coordinator_cannot_take_over_a_live_run(migrated_url: str, syn
     # Interrupted, the first one paused its run: a later --resume may take it.
     status = asyncio.run(_fetch(migrated_url, "SELECT status FROM runs"))
     assert status[0]["status"] == "paused"
+
+
+def test_operator_pauses_resumes_and_stops_the_run(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    from conftest import cli
+
+    common = ["--db", migrated_url, "--data", str(synth_zip)]
+    coord = _spawn("coordinator", *common, "--max-steps", "1000", "--unit-size", "8", "--eval-every", "0",
+                   "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
+    worker = _spawn("worker", *common, "--name", "obedient", "--threads", "1", log=tmp_path / "w.log")
+    try:
+        from test_end_to_end import _wait_for_worker_state
+
+        asyncio.run(_wait_for_worker_state(migrated_url, "obedient", "computing"))
+        paused = cli("control", "pause", "--db", migrated_url)
+        assert paused.returncode == 0 and "running -> paused" in paused.stdout, paused.stderr
+        assert cli("control", "pause", "--db", migrated_url).returncode != 0  # already paused
+        resumed = cli("control", "resume", "--db", migrated_url)
+        assert resumed.returncode == 0 and "paused -> running" in resumed.stdout
+        stopped = cli("control", "stop", "--db", migrated_url)
+        assert stopped.returncode == 0, stopped.stderr
+        assert coord.wait(120) == 0, (tmp_path / "coord.log").read_text()
+    finally:
+        _stop(worker)
+        _stop(coord)
+    runs = asyncio.run(_fetch(migrated_url, "SELECT status FROM runs"))
+    assert runs[0]["status"] == "stopped"
+    assert (tmp_path / "out" / "checkpoint_latest.pth").exists()
+    events = asyncio.run(_fetch(migrated_url, "SELECT message FROM events WHERE kind IN ('control', 'run')"))
+    assert any("stopped by the operator" in e["message"] for e in events)
