@@ -189,7 +189,7 @@ def password_role(pg_server: str) -> Iterator[str]:
 
 def test_wrong_password(pg_server: str, password_role: str) -> None:
     r = cli("db", "status", "--db", with_user(pg_server, password_role, "wrong-secret"))
-    line = assert_one_line_error(r, "authentication failed", "wrong user or password", password_role)
+    assert_one_line_error(r, "authentication failed", "wrong user or password", password_role)
     assert "wrong-secret" not in r.stderr
 
 
