@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
@@ -33,11 +31,6 @@ from ganns_async.training import TrainConfig, generate, load_state_tensors, samp
 STALE_AFTER_S = 30.0  # three missed heartbeats
 HISTORY_STEPS = 60
 EVENT_LINES = 30
-
-
-def _cfg(run: Any) -> TrainConfig:
-    raw = run["config"]
-    return TrainConfig.from_mapping(json.loads(raw) if isinstance(raw, str) else dict(raw))
 
 
 def preview_image(g: Generator, seed: int, n: int = 16) -> np.ndarray:
@@ -71,7 +64,7 @@ async def read_snapshot(
             db_ok=True, db_latency_ms=latency_ms, workers=(), history=(), events=(), sample=sample,
             leaderboard=leaderboard,
         )
-    cfg = _cfg(run)
+    cfg = TrainConfig.from_json(run["config"])
     rid = run["id"]
     workers_rows = await db.fetch("dashboard_workers", rid)
     metrics = await db.fetch("recent_metrics", rid, HISTORY_STEPS)
@@ -210,7 +203,7 @@ class SnapshotFeeder:
         blob = await db.fetchval("weights_payload", run["id"], run["step"])
         if blob is None:
             return
-        seed = _cfg(run).seed
+        seed = TrainConfig.from_json(run["config"]).seed
 
         def render() -> np.ndarray:
             g, d = Generator(), Discriminator()

@@ -251,7 +251,7 @@ class Coordinator:
         run = await self.db.fetchrow("get_run", run["id"])  # re-read now that it is ours
         assert run is not None
         self.run_id = run["id"]
-        self.cfg = TrainConfig.from_mapping(_json(run["config"]))
+        self.cfg = TrainConfig.from_json(run["config"])
         self.trainer = Trainer(self.cfg)
         self.step = run["step"]
         self.next_seq = run["next_seq"]
@@ -382,7 +382,8 @@ class Coordinator:
         acc = self.acc.get(row["step"])
         if acc is None:
             acc = self.acc[row["step"]] = StepAccumulator(row["step"])
-        acc.add(row["unit_id"], result, row["worker_id"])
+        # Summing 6M floats is work for the train thread, not the event loop.
+        await self._in_thread(acc.add, row["unit_id"], result, row["worker_id"])
         await self.db.execute("consume_gradient", row["id"], row["unit_id"])
 
     def _decode_gradient(self, blob: bytes, n_samples: int) -> Any:
@@ -415,7 +416,7 @@ class Coordinator:
         assert self.db is not None and acc is not None
         closed = self.step
         if acc.n > 0:
-            await self._in_thread(self.trainer.apply, acc.mean_grads(), acc.mean_buffers())
+            await self._in_thread(lambda: self.trainer.apply(acc.mean_grads(), acc.mean_buffers()))
         self.step = closed + 1
         self.images_seen += acc.n
         weights, optimizer = await self._in_thread(self._encode_state)
@@ -542,13 +543,16 @@ class Coordinator:
         step = self.step
         if step in self._evals or step in self.swd:
             return
-        g = copy.deepcopy(self.trainer.g).cpu()
-        self._evals[step] = asyncio.create_task(self._eval_and_record(step, g), name=f"eval-{step}")
+        # The snapshot is taken on the train thread, in order: after this step's update,
+        # before the next one, and without copying 14 MB on the event loop.
+        snapshot = self._executor.submit(lambda: copy.deepcopy(self.trainer.g).cpu())
+        self._evals[step] = asyncio.create_task(self._eval_and_record(step, snapshot), name=f"eval-{step}")
 
-    async def _eval_and_record(self, step: int, g: Any) -> None:
+    async def _eval_and_record(self, step: int, snapshot: concurrent.futures.Future[Any]) -> None:
         from ganns_async.quality import evaluate_generator
 
         assert self.db is not None
+        g = await asyncio.wrap_future(snapshot)
         dataset, n, seed = self.dataset, self.opts.eval_n, self.cfg.seed
         try:
             result = await asyncio.get_running_loop().run_in_executor(
@@ -590,7 +594,3 @@ class Coordinator:
         rows = [dict(r) for r in await self.db.fetch("run_metrics", self.run_id)]
         await self._in_thread(lambda: write_metrics_plot(rows, self.opts.out / "metrics.png",
                                                          title=f"ganns-async run {self.run_id}"))
-
-
-def _json(value: Any) -> dict[str, Any]:
-    return json.loads(value) if isinstance(value, str) else dict(value)

@@ -17,7 +17,7 @@ import torch
 
 from ganns_async.data import ImageDataset
 from ganns_async.outputs import write_checkpoint, write_sample_grid
-from ganns_async.training import StepAccumulator, TrainConfig, Trainer, compute_unit, empty_result, plan_unit, unit_noise
+from ganns_async.training import StepAccumulator, TrainConfig, Trainer, plan_unit, run_unit
 
 log = logging.getLogger("ganns_async.local")
 
@@ -59,15 +59,7 @@ def train_local(opts: LocalOptions) -> LocalResult:
             for j in range(cfg.units_per_step):
                 seq = step * cfg.units_per_step + j
                 plan = plan_unit(cfg, len(dataset), seq)
-                images, bad = dataset.load(plan.indices)
-                noise = unit_noise(plan.noise_seed, len(plan.indices))
-                if bad:
-                    bad_set = set(bad)
-                    noise = noise[[i for i, idx in enumerate(plan.indices) if idx not in bad_set]]
-                if images.shape[0] == 0:
-                    result = empty_result(trainer.g, trainer.d)
-                else:
-                    result = compute_unit(trainer.g, trainer.d, images, noise)
+                result, _bad = run_unit(trainer.g, trainer.d, dataset, plan.indices, plan.noise_seed)
                 acc.add(seq, result)
             if acc.n > 0:
                 trainer.apply(acc.mean_grads(), acc.mean_buffers())

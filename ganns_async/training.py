@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -39,6 +38,11 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, value: str | Mapping[str, Any]) -> "TrainConfig":
+        """From ``runs.config`` (asyncpg hands jsonb over as text)."""
+        return cls.from_mapping(json.loads(value) if isinstance(value, str) else value)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> "TrainConfig":
@@ -199,6 +203,30 @@ def compute_unit(
 
     grads = {name: t.detach().cpu() for name, t in zip(g_names + d_names, sums)}
     return UnitResult(grads, buffers, n, totals)
+
+
+def run_unit(
+    g: Generator,
+    d: Discriminator,
+    dataset: Any,
+    indices: Sequence[int],
+    noise_seed: int,
+    *,
+    micro_batch: int | None = None,
+) -> tuple[UnitResult, list[int]]:
+    """A whole unit as workers and ``train-local`` compute it: load, draw noise, compute.
+
+    Unreadable images are skipped with their noise vectors, so the readable ones keep the
+    noise they would have had. Returns the result and the indices that could not be read.
+    """
+    images, bad = dataset.load(list(indices))
+    noise = unit_noise(noise_seed, len(indices))
+    if bad:
+        bad_set = set(bad)
+        noise = noise[[i for i, idx in enumerate(indices) if idx not in bad_set]]
+    if images.shape[0] == 0:
+        return empty_result(g, d), bad
+    return compute_unit(g, d, images, noise, micro_batch=micro_batch), bad
 
 
 def empty_result(g: Generator, d: Discriminator) -> UnitResult:
@@ -399,11 +427,3 @@ def generate(g: Generator, noise: torch.Tensor) -> torch.Tensor:
             return g(noise.to(next(g.parameters()).device)).cpu()
     finally:
         g.train(was_training)
-
-
-def is_finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))
-
-
-def indices_for(seqs: Sequence[UnitPlan]) -> list[int]:
-    return [i for p in seqs for i in p.indices]

@@ -41,14 +41,7 @@ from ganns_async.errors import UserError
 from ganns_async.hardware import cpu_info, gpu_info, pick_device
 from ganns_async.migrate import require_migrated
 from ganns_async.model import build_models
-from ganns_async.training import (
-    TrainConfig,
-    compute_unit,
-    empty_result,
-    load_state_tensors,
-    state_tensors,
-    unit_noise,
-)
+from ganns_async.training import TrainConfig, load_state_tensors, run_unit, state_tensors
 
 log = logging.getLogger("ganns_async.worker")
 
@@ -286,7 +279,7 @@ class Worker:
                 f"{len(self.dataset)} (fingerprint {self.dataset.fingerprint}); use the same dataset as the coordinator"
             )
         self._joined_run = run["id"]
-        self._cfg = TrainConfig.from_mapping(_json(run["config"]))
+        self._cfg = TrainConfig.from_json(run["config"])
         assert self.db is not None
         await self.db.execute("insert_event", run["id"], "join", f"{self.status.name} joined on {self.device}")
         log.info("joined run %s", run["id"])
@@ -346,16 +339,7 @@ class Worker:
     def _compute(self, indices: list[int], noise_seed: int) -> tuple[bytes, int, list[int], dict[str, float]]:
         """Runs on the compute thread: load images, forward/backward, encode."""
         assert self.dataset is not None
-        images, bad = self.dataset.load(indices)
-        noise = unit_noise(noise_seed, len(indices))
-        if bad:
-            bad_set = set(bad)
-            keep = [i for i, idx in enumerate(indices) if idx not in bad_set]
-            noise = noise[keep]
-        if images.shape[0] == 0:
-            result = empty_result(self.g, self.d)
-        else:
-            result = compute_unit(self.g, self.d, images, noise, micro_batch=self.opts.batch_size)
+        result, bad = run_unit(self.g, self.d, self.dataset, indices, noise_seed, micro_batch=self.opts.batch_size)
         blob = codec.encode_tensors(
             result.tensors(), meta={"n_samples": result.n_samples, "metrics": result.metrics,
                                     "skipped": len(bad)},
@@ -382,9 +366,3 @@ def worker_snapshot(status: WorkerStatus, message: str = "") -> Any:
         recent_losses=tuple((m.get("d_loss", float("nan")), m.get("g_loss", float("nan"))) for m in status.recent),
         message=message or status.message,
     )
-
-
-def _json(value: Any) -> dict[str, Any]:
-    import json
-
-    return json.loads(value) if isinstance(value, str) else dict(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -45,34 +46,42 @@ def _run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
 
 
+async def _create_db(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_db(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A fresh, empty database on ``server_url``, dropped afterwards."""
+    name = f"ganns_test_{uuid.uuid4().hex[:12]}"
+    _run(_create_db(server_url, name))
+    try:
+        yield with_database(server_url, name)
+    finally:
+        _run(_drop_db(server_url, name))
+
+
 @pytest.fixture
 def db_url(pg_server: str) -> Iterator[str]:
-    """A fresh, empty database for one test, dropped afterwards."""
-    name = f"ganns_test_{uuid.uuid4().hex[:12]}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(pg_server)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    async def drop() -> None:
-        conn = await asyncpg.connect(pg_server)
-        try:
-            await conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-                name,
-            )
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        finally:
-            await conn.close()
-
-    _run(create())
-    try:
-        yield with_database(pg_server, name)
-    finally:
-        _run(drop())
+    """A fresh, empty database for one test."""
+    with fresh_database(pg_server) as url:
+        yield url
 
 
 @pytest.fixture

@@ -14,14 +14,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from conftest import REPO, cli, with_database
+from conftest import REPO, cli, fresh_database
 from ganns_async.db import Database
 from ganns_async.embedded import psql_binary
 from ganns_async.errors import UserError
@@ -36,37 +35,6 @@ def _run(coro):  # type: ignore[no-untyped-def]
 
 
 # --- helpers --------------------------------------------------------------------------
-
-
-async def _create_db(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-
-
-async def _drop_db(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-            name,
-        )
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-    finally:
-        await conn.close()
-
-
-@contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """A second fresh, empty database on ``server_url`` (``db_url`` gives only one)."""
-    name = f"ganns_test_{uuid.uuid4().hex[:12]}"
-    _run(_create_db(server_url, name))
-    try:
-        yield with_database(server_url, name)
-    finally:
-        _run(_drop_db(server_url, name))
 
 
 @pytest.fixture
