@@ -169,6 +169,9 @@ def coordinator(
     sweep: float = typer.Option(15.0, "--sweep-seconds", envvar="GANNS_SWEEP_SECONDS", min=0.1,
                                 help="Safety sweep interval: requeue expired leases, catch lost notifications."),
     lr: float = typer.Option(2e-4, "--lr", envvar="GANNS_LR", help="Adam learning rate (both networks)."),
+    g_ema: float = typer.Option(0.999, "--g-ema", envvar="GANNS_G_EMA", min=0.0, max=0.9999,
+                                help="Decay of the moving average of G that samples, SWD and the checkpoint's "
+                                     "generator_state_dict use (warmed up over the first steps); 0 turns it off."),
     eval_every: int = typer.Option(10, "--eval-every", envvar="GANNS_EVAL_EVERY", min=0,
                                    help="Record the sliced Wasserstein distance (SWD) every N steps; 0 turns it off."),
     eval_n: int = typer.Option(512, "--eval-n", envvar="GANNS_EVAL_N", min=16,
@@ -195,7 +198,7 @@ def coordinator(
         if grad_dtype not in ("fp32", "bf16"):
             raise UserError(f"--grad-dtype must be fp32 or bf16, not {grad_dtype!r}")
         cfg = TrainConfig(seed=seed, unit_size=unit_size, units_per_step=units_per_step,
-                          max_staleness=max_staleness, lr=lr, grad_dtype=grad_dtype)
+                          max_staleness=max_staleness, lr=lr, grad_dtype=grad_dtype, g_ema=g_ema)
         opts = CoordinatorOptions(db_url=db, data=data, out=out, max_steps=max_steps, resume=resume, config=cfg,
                                   step_timeout=step_timeout, min_units=min_units,
                                   checkpoint_every=checkpoint_every, sweep_s=sweep,
@@ -334,6 +337,9 @@ def train_local_cmd(
     units_per_step: int = typer.Option(2, "--units-per-step", envvar="GANNS_UNITS_PER_STEP", min=1,
                                        help="Units averaged into one optimizer step."),
     lr: float = typer.Option(2e-4, "--lr", envvar="GANNS_LR", help="Adam learning rate (both networks)."),
+    g_ema: float = typer.Option(0.999, "--g-ema", envvar="GANNS_G_EMA", min=0.0, max=0.9999,
+                                help="Decay of the moving average of G that samples, SWD and the checkpoint's "
+                                     "generator_state_dict use (warmed up over the first steps); 0 turns it off."),
     checkpoint_every: int = typer.Option(10, "--checkpoint-every", envvar="GANNS_CHECKPOINT_EVERY", min=1,
                                          help="Write the checkpoint and a sample grid every N steps."),
     threads: Optional[int] = typer.Option(None, "--threads", envvar="GANNS_THREADS", min=1, help="CPU threads for PyTorch."),
@@ -347,7 +353,8 @@ def train_local_cmd(
     from ganns_async.training import TrainConfig
 
     def body() -> None:
-        cfg = TrainConfig(seed=seed, unit_size=unit_size, units_per_step=units_per_step, max_staleness=0, lr=lr)
+        cfg = TrainConfig(seed=seed, unit_size=unit_size, units_per_step=units_per_step, max_staleness=0, lr=lr,
+                          g_ema=g_ema)
         result = train_local(LocalOptions(data=data, max_steps=max_steps, out=out, config=cfg,
                                           checkpoint_every=checkpoint_every, threads=threads))
         typer.echo(f"trained {max_steps} steps, {result.images} images in {result.seconds:.1f}s "
@@ -366,7 +373,9 @@ def demo(
     data: Optional[str] = typer.Option(None, "--data", envvar="GANNS_DATA",
                                        help=DATA_HELP + " [default: make a synthetic face dataset]"),
     workers: int = typer.Option(2, "--workers", envvar="GANNS_WORKERS", min=1, help="Worker processes to start."),
-    max_steps: int = typer.Option(40, "--max-steps", envvar="GANNS_MAX_STEPS", min=1, help="Optimizer steps to train."),
+    max_steps: int = typer.Option(250, "--max-steps", envvar="GANNS_MAX_STEPS", min=1, help="Optimizer steps to train."),
+    unit_size: int = typer.Option(32, "--unit-size", envvar="GANNS_UNIT_SIZE", min=1,
+                                  help="Images per work unit; two units make a step (batch 2 x this)."),
     out: Path = typer.Option(Path("ganns-out"), "--out", envvar="GANNS_OUT", help="Checkpoint and sample grids go here."),
     count: int = typer.Option(2048, "--synthetic-count", envvar="GANNS_SYNTHETIC_COUNT", min=16,
                               help="Images in the synthetic dataset (when --data is not given)."),
@@ -381,7 +390,7 @@ def demo(
     """
     from ganns_async.demo import DemoOptions, run_demo
 
-    opts = DemoOptions(db_url=db, data=data, workers=workers, max_steps=max_steps, out=out,
+    opts = DemoOptions(db_url=db, data=data, workers=workers, max_steps=max_steps, unit_size=unit_size, out=out,
                        synthetic_count=count, debug=_state["debug"], tui=not no_tui)
     _run(lambda: run_demo(opts))
 

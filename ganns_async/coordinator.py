@@ -545,7 +545,7 @@ class Coordinator:
             return
         # The snapshot is taken on the train thread, in order: after this step's update,
         # before the next one, and without copying 14 MB on the event loop.
-        snapshot = self._executor.submit(lambda: copy.deepcopy(self.trainer.g).cpu())
+        snapshot = self._executor.submit(lambda: copy.deepcopy(self.trainer.sampler).cpu())
         self._evals[step] = asyncio.create_task(self._eval_and_record(step, snapshot), name=f"eval-{step}")
 
     async def _eval_and_record(self, step: int, snapshot: concurrent.futures.Future[Any]) -> None:

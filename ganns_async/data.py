@@ -236,9 +236,13 @@ def _synth_image(seed: int, index: int) -> bytes:
     """One 178x218 JPEG of a face-like figure; per-image seeding makes prefixes stable."""
     rng = random.Random(seed * 1_000_003 + index)
 
-    # Background: linear gradient between two random colours in a random direction.
-    c0 = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
-    c1 = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
+    # Background: a portrait backdrop, a slightly tinted grey darkening in a random
+    # direction. Muted like most CelebA backgrounds; fully random RGB gradients made the
+    # set far more colourful than faces photos are, and a DCGAN needs thousands of steps
+    # before its samples cover that many colours.
+    grey = rng.uniform(80, 210)
+    c0 = np.clip(np.array([grey + rng.uniform(-18, 18) for _ in range(3)], dtype=np.float32), 0, 255)
+    c1 = c0 * rng.uniform(0.65, 1.0)
     a = rng.uniform(0.0, 2.0 * math.pi)
     t = _GX * math.cos(a) + _GY * math.sin(a)
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)

@@ -21,7 +21,8 @@ class DemoOptions:
     db_url: str | None = None
     data: str | None = None
     workers: int = 2
-    max_steps: int = 40
+    max_steps: int = 250
+    unit_size: int = 32
     out: Path = Path("ganns-out")
     synthetic_count: int = 2048
     debug: bool = False
@@ -73,8 +74,12 @@ def _run_cluster(opts: DemoOptions, url: str, started: float) -> None:
     threads = max(1, (os.cpu_count() or 2) // max(1, opts.workers))
     base = [sys.executable, "-m", "ganns_async"] + (["--debug"] if opts.debug else [])
     env = {**os.environ, "GANNS_DB_URL": url, "GANNS_DATA": data, "GANNS_NO_TUI": "1"}
+    # About ten sample grids and SWD points over the run, whatever its length: evaluating
+    # 512 images costs the coordinator seconds of CPU that the workers would rather have.
+    every = str(max(1, opts.max_steps // 10))
     coordinator_cmd = base + ["coordinator", "--max-steps", str(opts.max_steps), "--out", str(opts.out),
-                              "--checkpoint-every", "5"]
+                              "--unit-size", str(opts.unit_size), "--units-per-step", "2",
+                              "--checkpoint-every", every, "--eval-every", every]
     # On a terminal the coordinator draws its dashboard, so the workers write to log files.
     dashboard = opts.tui and sys.stdout.isatty()
     coord_env = {k: v for k, v in env.items() if k != "GANNS_NO_TUI"} if dashboard else env

@@ -355,6 +355,9 @@ def build_model_card(info: Mapping[str, Any]) -> str:
     swd_text = f"{float(swd):.4f}" if isinstance(swd, (int, float)) and not isinstance(swd, bool) else "not recorded"
     unit_size = cfg.get("unit_size")
     units_per_step = cfg.get("units_per_step")
+    ema_text = ("`generator_state_dict` is the moving average of the generator's weights, the one to "
+                "sample from; `generator_raw_state_dict` holds the weights the optimizer state belongs to. "
+                if float(cfg.get("g_ema") or 0.0) > 0 else "")
     if isinstance(unit_size, int) and isinstance(units_per_step, int):
         batch = f"{unit_size * units_per_step:,} ({units_per_step} units x {unit_size} images)"
     else:
@@ -495,6 +498,7 @@ def build_model_card(info: Mapping[str, Any]) -> str:
         "    fake_images = (fake_images + 1) / 2",
         "```",
         "",
+        ema_text +
         "The checkpoint also holds `discriminator_state_dict`, both optimizer states, `step`, "
         "`epoch`, `images_seen` and the training `config`; it loads with `weights_only=True`.",
         "",

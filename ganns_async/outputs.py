@@ -26,12 +26,13 @@ def write_checkpoint(trainer: Trainer, out: Path, *, step: int, epoch: int, imag
 
 
 def write_sample_grid(trainer: Trainer, out: Path, *, step: int) -> Path:
-    """An 8x8 grid from the run's fixed noise, in eval mode (as users sample)."""
+    """An 8x8 grid from the run's fixed noise, from the sampling generator in eval mode
+    (as users sample the checkpoint's ``generator_state_dict``)."""
     from torchvision.utils import save_image
 
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
-    images = generate(trainer.g, sample_noise(trainer.cfg.seed))
+    images = generate(trainer.sampler, sample_noise(trainer.cfg.seed))
     path = samples / f"step_{step:06d}.png"
     tmp = samples / f".step_{step:06d}.png.tmp"
     save_image((images + 1) / 2, str(tmp), nrow=8, padding=2, format="png")

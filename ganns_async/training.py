@@ -7,6 +7,7 @@ gradient for it (bitwise on one machine and thread count).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from ganns_async.model import LATENT_DIM, Discriminator, Generator, build_models
 
 PREFIXES = ("G.", "D.")
+EMA_PREFIX = "EMA.G."  # G's moving average inside the optimizer-state blob
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class TrainConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     grad_dtype: str = "fp32"  # "fp32" or "bf16" on the wire
+    # Exponential moving average of G's weights, the generator users sample (ProGAN's Gs).
+    # Warmed up as ``min(g_ema, (1 + t) / (10 + t))`` after t updates, so a short run
+    # averages over a short window and a long one over about 1 / (1 - g_ema) steps; 0 = off.
+    g_ema: float = 0.999
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -341,14 +347,48 @@ def fold_batch_stats(net: torch.nn.Module, prefix: str, batch_stats: Mapping[str
 
 
 class Trainer:
-    """The coordinator's model: two Adam optimizers fed with aggregated gradients."""
+    """The coordinator's model: two Adam optimizers fed with aggregated gradients, and the
+    moving average of G that samples, SWD and the checkpoint's ``generator_state_dict`` use.
+
+    Why an average: early in DCGAN training G swings between colour modes from one step to
+    the next; the average of its recent weights samples more steadily and more diversely
+    (Karras et al. 2018 evaluate and publish theirs the same way). ``g`` stays the weights
+    the optimizer owns, which workers compute gradients on.
+    """
 
     def __init__(self, cfg: TrainConfig) -> None:
+        if not 0.0 <= cfg.g_ema < 1.0:
+            raise ValueError(f"g_ema must be in [0, 1), got {cfg.g_ema}")
         self.cfg = cfg
         self.g, self.d = build_models(cfg.seed)
         betas = (cfg.beta1, cfg.beta2)
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.lr, betas=betas)
+        self.g_ema: Generator | None = None
+        self.ema_updates = 0
+        self._reset_ema()
+
+    @property
+    def sampler(self) -> Generator:
+        """The generator to sample from: the moving average, or ``g`` when it is off."""
+        return self.g_ema if self.g_ema is not None else self.g
+
+    def _reset_ema(self) -> None:
+        self.g_ema = copy.deepcopy(self.g) if self.cfg.g_ema > 0 else None
+        self.ema_updates = 0
+
+    def _update_ema(self) -> None:
+        if self.g_ema is None:
+            return
+        t = self.ema_updates
+        beta = min(self.cfg.g_ema, (1.0 + t) / (10.0 + t))
+        with torch.no_grad():
+            for avg, live in zip(self.g_ema.state_dict().values(), self.g.state_dict().values()):
+                if avg.is_floating_point():
+                    avg.lerp_(live.to(avg), 1.0 - beta)  # BatchNorm statistics are averaged too
+                else:
+                    avg.copy_(live)
+        self.ema_updates = t + 1
 
     def apply(self, grads: Mapping[str, torch.Tensor], batch_stats: Mapping[str, torch.Tensor]) -> None:
         """One Adam step on G and D, then fold the step's BatchNorm batch statistics in."""
@@ -359,17 +399,24 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             if batch_stats:
                 fold_batch_stats(net, prefix, batch_stats)
+        self._update_ema()
 
     def state(self) -> dict[str, torch.Tensor]:
         return state_tensors(self.g, self.d)
 
     def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load the training weights; the average restarts from them unless
+        :meth:`load_optimizer_tensors` then brings the saved one back."""
         load_state_tensors(self.g, self.d, tensors)
+        self._reset_ema()
 
     def optimizer_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Adam moments as named tensors plus per-parameter step counts (for --resume)."""
+        """Adam moments and G's moving average as named tensors, plus per-parameter step
+        counts and the average's update count (everything --resume needs besides weights)."""
         tensors: dict[str, torch.Tensor] = {}
         steps: dict[str, float] = {}
+        if self.g_ema is not None:
+            tensors.update({f"{EMA_PREFIX}{k}": v for k, v in self.g_ema.state_dict().items()})
         for prefix, net, opt in (("G.", self.g, self.opt_g), ("D.", self.d, self.opt_d)):
             for k, p in net.named_parameters():
                 st = opt.state.get(p)
@@ -378,10 +425,14 @@ class Trainer:
                 tensors[f"{prefix}{k}.exp_avg"] = st["exp_avg"]
                 tensors[f"{prefix}{k}.exp_avg_sq"] = st["exp_avg_sq"]
                 steps[prefix + k] = float(st["step"])
-        return tensors, {"steps": steps}
+        return tensors, {"steps": steps, "ema_updates": self.ema_updates}
 
     def load_optimizer_tensors(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         steps = meta.get("steps", {})
+        ema = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
+        if self.g_ema is not None and ema:
+            self.g_ema.load_state_dict(ema, strict=True)
+            self.ema_updates = int(meta.get("ema_updates", 0))
         for prefix, net, opt in (("G.", self.g, self.opt_g), ("D.", self.d, self.opt_d)):
             for k, p in net.named_parameters():
                 if prefix + k not in steps:
@@ -392,14 +443,15 @@ class Trainer:
                     "exp_avg_sq": tensors[f"{prefix}{k}.exp_avg_sq"].to(p.device).clone(),
                 }
 
-    def optimizer_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        tensors, _ = self.optimizer_tensors()
-        return {k: (tuple(v.shape), "float") for k, v in tensors.items()}
-
     def checkpoint(self, *, step: int, epoch: int, images_seen: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """A plain dict of tensors and numbers: loads with ``torch.load(weights_only=True)``."""
+        """A plain dict of tensors and numbers: loads with ``torch.load(weights_only=True)``.
+
+        ``generator_state_dict`` is the generator to sample from (the moving average when
+        it is on); ``generator_raw_state_dict`` then holds the weights ``optimizer_g_state_dict``
+        belongs to, for whoever wants to train on from the file.
+        """
         ckpt: dict[str, Any] = {
-            "generator_state_dict": {k: v.detach().cpu().clone() for k, v in self.g.state_dict().items()},
+            "generator_state_dict": {k: v.detach().cpu().clone() for k, v in self.sampler.state_dict().items()},
             "discriminator_state_dict": {k: v.detach().cpu().clone() for k, v in self.d.state_dict().items()},
             "optimizer_g_state_dict": self.opt_g.state_dict(),
             "optimizer_d_state_dict": self.opt_d.state_dict(),
@@ -408,6 +460,8 @@ class Trainer:
             "images_seen": int(images_seen),
             "config": dataclasses.asdict(self.cfg),
         }
+        if self.g_ema is not None:
+            ckpt["generator_raw_state_dict"] = {k: v.detach().cpu().clone() for k, v in self.g.state_dict().items()}
         if extra:
             ckpt.update(extra)
         return ckpt

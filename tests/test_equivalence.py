@@ -29,8 +29,9 @@ def _distributed(url: str, data: Path, out: Path, workers: int, tmp: Path) -> di
             _stop(p)
     ckpt = torch.load(out / "checkpoint_latest.pth", map_location="cpu")
     assert ckpt["step"] == STEPS
-    return {**{f"G.{k}": v for k, v in ckpt["generator_state_dict"].items()},
-            **{f"D.{k}": v for k, v in ckpt["discriminator_state_dict"].items()}}
+    return {**{f"G.{k}": v for k, v in ckpt["generator_raw_state_dict"].items()},
+            **{f"D.{k}": v for k, v in ckpt["discriminator_state_dict"].items()},
+            **{f"EMA.{k}": v for k, v in ckpt["generator_state_dict"].items()}}
 
 
 @pytest.fixture
@@ -42,8 +43,10 @@ def local_state(synth_zip: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
                                           config=cfg, checkpoint_every=STEPS, threads=1))
     finally:
         torch.set_num_threads(threads)
+    assert result.trainer.g_ema is not None
     return {**{f"G.{k}": v for k, v in result.trainer.g.state_dict().items()},
-            **{f"D.{k}": v for k, v in result.trainer.d.state_dict().items()}}
+            **{f"D.{k}": v for k, v in result.trainer.d.state_dict().items()},
+            **{f"EMA.{k}": v for k, v in result.trainer.g_ema.state_dict().items()}}
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -133,6 +133,39 @@ def test_adam_state_round_trips_for_resume() -> None:
     t2.apply(acc.mean_grads(), acc.mean_buffers())
     for (k, a), (_, b) in zip(t1.g.named_parameters(), t2.g.named_parameters()):
         assert torch.equal(a, b), k
+    # G's moving average travels in the same blob and continues where it was.
+    assert t1.g_ema is not None and t2.g_ema is not None and t2.ema_updates == t1.ema_updates == 2
+    for (k, a), (_, b) in zip(t1.g_ema.state_dict().items(), t2.g_ema.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_generator_moving_average_follows_its_warm_up() -> None:
+    """After t updates the average moves by 1 - min(decay, (1 + t) / (10 + t)) towards G."""
+    cfg = TrainConfig(seed=2, g_ema=0.999)
+    trainer = Trainer(cfg)
+    r = compute_unit(trainer.g, trainer.d, _images(4, 1), unit_noise(5, 4))
+    acc = StepAccumulator(0)
+    acc.add(0, r)
+    key = "main.0.weight"
+    expected = trainer.g.state_dict()[key].clone()
+    for t in range(3):
+        trainer.apply(acc.mean_grads(), acc.mean_buffers())
+        beta = min(0.999, (1 + t) / (10 + t))
+        expected = beta * expected + (1 - beta) * trainer.g.state_dict()[key]
+    assert trainer.g_ema is not None
+    ema = trainer.g_ema.state_dict()[key]
+    assert torch.allclose(ema, expected, atol=1e-7)
+    assert not torch.equal(ema, trainer.g.state_dict()[key])  # it lags behind the live weights
+    ckpt = trainer.checkpoint(step=3, epoch=0, images_seen=12)
+    assert torch.equal(ckpt["generator_state_dict"][key], ema)  # what users sample
+    assert torch.equal(ckpt["generator_raw_state_dict"][key], trainer.g.state_dict()[key])
+
+    off = Trainer(TrainConfig(seed=2, g_ema=0.0))
+    off.apply(acc.mean_grads(), acc.mean_buffers())
+    assert off.g_ema is None and off.sampler is off.g
+    ckpt = off.checkpoint(step=1, epoch=0, images_seen=4)
+    assert "generator_raw_state_dict" not in ckpt
+    assert torch.equal(ckpt["generator_state_dict"][key], off.g.state_dict()[key])
 
 
 def test_micro_batches_cover_the_whole_unit() -> None:
