@@ -382,11 +382,14 @@ def demo(
     no_tui: bool = typer.Option(False, "--no-tui", envvar="GANNS_NO_TUI",
                                 help="Interleaved log lines instead of the coordinator's dashboard."),
 ) -> None:
-    """Everything on this machine: PostgreSQL, a coordinator and workers, a short training run.
+    """Everything on this machine: PostgreSQL, a coordinator and workers, a training run.
 
     Starts an embedded PostgreSQL (or uses --db), applies the migrations, makes a synthetic
     CelebA-like dataset unless --data is given, runs a coordinator and N workers as separate
-    processes, and stops them all at the end or on Ctrl-C.
+    processes, and stops them all at the end or on Ctrl-C. The default 250 steps of batch 64
+    take about ten minutes on two CPU cores; blurry faces appear after about 150 of them
+    and the sliced Wasserstein distance printed at the end falls from its step-0 value.
+    --max-steps 40 is a two-minute tour of the machinery (noise, not yet faces).
     """
     from ganns_async.demo import DemoOptions, run_demo
 
