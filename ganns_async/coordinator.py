@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -154,7 +154,7 @@ class Coordinator:
 
             self._pusher = HubPusher(opts.hf_repo, private=opts.hf_private)
             try:
-                self._pusher._resolve_token()  # no token at all: say so now, not after an hour of training
+                self._pusher.check_token()  # no token at all: say so now, not after an hour of training
             except Exception as exc:  # noqa: BLE001
                 raise UserError(str(exc)) from None
         opts.out.mkdir(parents=True, exist_ok=True)

@@ -567,6 +567,10 @@ class HubPusher:
     def __repr__(self) -> str:  # never the token
         return f"HubPusher(repo_id={self.repo_id!r}, private={self.private}, endpoint={self.endpoint!r})"
 
+    def check_token(self) -> None:
+        """Raise PushError now if there is no usable token, rather than at the first push."""
+        self._resolve_token()
+
     def _resolve_token(self) -> str:
         if self.__token:
             return self.__token

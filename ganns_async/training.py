@@ -385,7 +385,7 @@ class Trainer:
         with torch.no_grad():
             for avg, live in zip(self.g_ema.state_dict().values(), self.g.state_dict().values()):
                 if avg.is_floating_point():
-                    avg.lerp_(live.to(avg), 1.0 - beta)  # BatchNorm statistics are averaged too
+                    avg.lerp_(live, 1.0 - beta)  # BatchNorm statistics are averaged too
                 else:
                     avg.copy_(live)
         self.ema_updates = t + 1
