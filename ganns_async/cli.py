@@ -172,6 +172,9 @@ def coordinator(
     g_ema: float = typer.Option(0.999, "--g-ema", envvar="GANNS_G_EMA", min=0.0, max=0.9999,
                                 help="Decay of the moving average of G that samples, SWD and the checkpoint's "
                                      "generator_state_dict use (warmed up over the first steps); 0 turns it off."),
+    state_every: int = typer.Option(25, "--state-every", envvar="GANNS_STATE_EVERY", min=1,
+                                     help="Write Adam state and G's moving average (64 MB) to the database every N "
+                                          "steps and when stopping; --resume after a crash replays the steps since."),
     eval_every: int = typer.Option(10, "--eval-every", envvar="GANNS_EVAL_EVERY", min=0,
                                    help="Record the sliced Wasserstein distance (SWD) every N steps; 0 turns it off."),
     eval_n: int = typer.Option(512, "--eval-n", envvar="GANNS_EVAL_N", min=16,
@@ -201,7 +204,7 @@ def coordinator(
                           max_staleness=max_staleness, lr=lr, grad_dtype=grad_dtype, g_ema=g_ema)
         opts = CoordinatorOptions(db_url=db, data=data, out=out, max_steps=max_steps, resume=resume, config=cfg,
                                   step_timeout=step_timeout, min_units=min_units,
-                                  checkpoint_every=checkpoint_every, sweep_s=sweep,
+                                  checkpoint_every=checkpoint_every, state_every=state_every, sweep_s=sweep,
                                   eval_every=eval_every, eval_n=eval_n, hf_repo=hf_repo,
                                   hf_push_every=hf_push_every, hf_private=hf_private)
         _run_async(lambda: _coordinate(opts, tui=want_tui(no_tui)))
@@ -255,7 +258,7 @@ def watch(
         from ganns_async.db import Database
         from ganns_async.migrate import require_migrated
 
-        probe = await Database.open(db, max_size=1)
+        probe = await Database.open(db, max_size=1, application_name="ganns-async watch")
         try:
             await require_migrated(probe)
         finally:
@@ -308,7 +311,7 @@ def control(
         if action not in targets:
             raise UserError(f"unknown action {action!r}: choose pause, resume or stop")
         status, allowed = targets[action]
-        database = await Database.open(db, max_size=1)
+        database = await Database.open(db, max_size=1, application_name="ganns-async control")
         try:
             row = await database.fetchrow("get_run", run) if run is not None else await database.fetchrow("active_run")
             if row is None:

@@ -168,9 +168,11 @@ class SnapshotFeeder:
         self._changed.set()
 
     async def run(self) -> None:
-        db = await Database.open(self.url, max_size=2)
+        # pg_stat_activity shows "ganns-async watch" or "ganns-async coordinator" (its dashboard).
+        app = f"ganns-async {self.title}"
+        db = await Database.open(self.url, max_size=2, application_name=app)
         listener = Listener(self.url, [WORKERS_CHANNEL, WEIGHTS_CHANNEL, CONTROL_CHANNEL, EVENTS_CHANNEL],
-                            self._notify, self._changed.set)
+                            self._notify, self._changed.set, application_name=app)
         try:
             await listener.start()
             self._weights_changed.set()

@@ -1,13 +1,19 @@
 """The coordinator: owns the model, publishes weights and work units, steps Adam.
 
-One asyncio loop. It wakes on ``ganns_gradients`` notifications, folds each new
-gradient into its step's running mean, and closes a step when all of its units have
-arrived (or after ``step_timeout`` with at least ``min_units``). Aggregation, Adam,
-encoding and checkpoint writing run on one compute thread, in order.
+One asyncio loop. It wakes on ``ganns_gradients`` notifications, fetches and decodes the
+new gradients in parallel (zstd and torch release the GIL) and folds each into its step's
+running mean as it arrives. :class:`~ganns_async.steps.StepBook` says when a step may
+close; closing applies Adam on the train thread, writes the new weights, and announces
+them with the next units in one light transaction.
 
-Besides notifications, one periodic query runs: a safety sweep every ``sweep_s``
-seconds that returns units with expired leases to pending and picks up any gradient
-whose notification was lost while the listener reconnected.
+Lean steps: only the weights are written on a step's critical path. Adam state and G's
+moving average go to the database every ``state_every`` steps (and whenever the
+coordinator stops); ``--resume`` rewinds to the last saved state and the replayed steps
+compute what the lost ones did, because units are deterministic.
+
+Besides notifications, one periodic query runs: a safety sweep every ``sweep_s`` seconds
+that returns units with expired leases to pending and picks up any gradient whose
+notification was lost while the listener reconnected.
 """
 
 from __future__ import annotations
@@ -16,13 +22,15 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import asyncpg
 
 from ganns_async import codec
 from ganns_async.data import ImageDataset
@@ -36,12 +44,16 @@ from ganns_async.db import (
     hold_run_lock,
 )
 from ganns_async.errors import PayloadError, UserError
+from ganns_async.evaluation import Evaluator
 from ganns_async.migrate import require_migrated
-from ganns_async.outputs import CHECKPOINT_NAME, write_checkpoint, write_sample_grid
+from ganns_async.outputs import CHECKPOINT_NAME, OutputWriter
+from ganns_async.steps import Admission, CloseDecision, StepBook, idle_notice
+from ganns_async.store import CoordinatorStore, GradientRow, NewUnit, StepRecord
 from ganns_async.training import (
     StepAccumulator,
     TrainConfig,
     Trainer,
+    UnitResult,
     gradient_spec,
     plan_unit,
     split_result,
@@ -50,6 +62,12 @@ from ganns_async.training import (
 log = logging.getLogger("ganns_async.coordinator")
 
 MAX_UNIT_ATTEMPTS = 3  # a unit whose gradient was rejected this often is given up on
+APPLICATION_NAME = "ganns-async coordinator"
+# Gradients fetched and decoded at once: enough to overlap network, zstd and float64
+# summing; each in flight holds one blob and its decoded tensors (about 50 MB).
+PARALLEL_FETCHES = max(2, min(4, os.cpu_count() or 2))
+ONLINE_WITHIN_S = 60.0  # a worker seen this recently counts as online (heartbeats every 10 s)
+
 
 @dataclass
 class CoordinatorOptions:
@@ -62,6 +80,7 @@ class CoordinatorOptions:
     step_timeout: float = 300.0
     min_units: int = 1
     checkpoint_every: int = 10
+    state_every: int = 25  # Adam state + G average to the database every N steps
     eval_every: int = 10  # SWD every N steps (0: never)
     eval_n: int = 512  # images per side for SWD during training
     hf_repo: str | None = None  # push checkpoint, samples and a model card here
@@ -89,56 +108,42 @@ class Coordinator:
         self.on_status = on_status
         self.status = CoordinatorStatus()
         self.wake = asyncio.Event()
+        self.ready = asyncio.Event()  # test signal: run published, listening
         self.db: Database | None = None
         self.listener: Listener | None = None
+        self.run_id: int | None = None
+        # Adam, encoding, summing and file writing run here, in order.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
-        self._pending_io: list[concurrent.futures.Future[Any]] = []
-        # Evaluation gets its own thread and a copy of G, so it never delays aggregation.
-        self._eval_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval")
-        self._evals: dict[int, asyncio.Task[None]] = {}
-        self.swd: dict[int, float] = {}
-        # Hub pushes: one at a time, on their own thread; failures back off, never stop training.
-        self._push_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub")
-        self._push_task: asyncio.Task[None] | None = None
-        self._pusher: Any = None
+        self._decoders = concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL_FETCHES, thread_name_prefix="decode")
+        self._fetch_slots = asyncio.Semaphore(PARALLEL_FETCHES)
+        self.outputs = OutputWriter(opts.out, self._executor)
+        self.evaluator: Evaluator | None = None
+        self.publisher: Any = None  # HubPublisher when --hf-repo is given
         self._lock_conn: Any = None
-        self._given_up: dict[int, set[int]] = {}  # step -> units cancelled after repeated bad gradients
-        self._push_failures = 0
-        self._push_not_before = 0.0
+        self._vacuum_task: asyncio.Task[None] | None = None
         self.acc: dict[int, StepAccumulator] = {}
-        self._backoff = iter(backoff_delays())
+        self._in_flight: set[int] = set()  # gradient ids being fetched or decoded
         self._control_changed = False
         self._contributors: set[int] = set()
-        self.ready = asyncio.Event()  # test signal: run published, listening
+        self._idle_said = False
+        self.trainer_version = -1  # the version the in-memory weights are (runs ahead of the database mid-publish)
+        self.state_version = -1  # the newest version whose Adam state is in the database
+
+    @property
+    def step(self) -> int:
+        return self.book.step
 
     def _notify(self, channel: str, payload: str) -> None:
         if channel == CONTROL_CHANNEL:
             self._control_changed = True
         self.wake.set()
 
-    async def _stopped_by_operator(self) -> bool:
-        """`ganns-async control stop` (or a psql UPDATE) ends the run; pause just idles the workers."""
-        if not self._control_changed:
-            return False
-        self._control_changed = False
-        assert self.db is not None
-        run = await self.db.fetchrow("get_run", self.run_id)
-        if run is None or run["status"] != "stopped":
-            return False
-        self._write_outputs()
-        for fut in self._pending_io:
-            with contextlib.suppress(Exception):
-                await asyncio.wrap_future(fut)
-        await self._event("run", f"run {self.run_id} stopped by the operator at step {self.step}")
-        return True
-
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _event(self, kind: str, message: str) -> None:
-        assert self.db is not None
         log.info("%s: %s", kind, message)
-        await self.db.execute("insert_event", self.run_id, kind, message)
+        await self.store.event(self.run_id, kind, message)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -148,26 +153,30 @@ class Coordinator:
 
         local = await asyncio.to_thread(resolve_data, opts.data)
         self.dataset = await asyncio.to_thread(ImageDataset.open, local)
-        self._pusher = None
         if opts.hf_repo:
-            from ganns_async.hub import HubPusher
+            from ganns_async.hub_publisher import HubPublisher
 
-            self._pusher = HubPusher(opts.hf_repo, private=opts.hf_private)
-            try:
-                self._pusher.check_token()  # no token at all: say so now, not after an hour of training
-            except Exception as exc:  # noqa: BLE001
-                raise UserError(str(exc)) from None
+            self.publisher = HubPublisher(opts.hf_repo, private=opts.hf_private, out=opts.out,
+                                          event=lambda msg: self._event("hub", msg),
+                                          outputs_written=self.outputs.wait)
+            self.publisher.check_token()
         opts.out.mkdir(parents=True, exist_ok=True)
-        self.db = await Database.open(opts.db_url)
+        self.db = await Database.open(opts.db_url, max_size=PARALLEL_FETCHES + 2, application_name=APPLICATION_NAME)
+        self.store = CoordinatorStore(self.db)
         finished = False
         try:
             await require_migrated(self.db)
-            self.listener = Listener(opts.db_url, [GRADIENTS_CHANNEL, CONTROL_CHANNEL], self._notify, self.wake.set)
+            self.listener = Listener(opts.db_url, [GRADIENTS_CHANNEL, CONTROL_CHANNEL], self._notify, self.wake.set,
+                                     application_name=APPLICATION_NAME)
             await self.listener.start()
             if opts.resume:
                 await self._resume()
             else:
                 await self._start_new()
+            self.evaluator = Evaluator(self.dataset, n=opts.eval_n, seed=self.cfg.seed, train=self._executor,
+                                       record=self._record_swd)
+            if opts.eval_every and not opts.resume:
+                self.evaluator.schedule(0, self.trainer)  # the step-0 baseline later SWD is compared with
             self.ready.set()
             finished = await self._loop()
         finally:
@@ -175,143 +184,162 @@ class Coordinator:
         return 0
 
     async def _shutdown(self, finished: bool) -> None:
-        for fut in self._pending_io:
+        await self.outputs.wait()
+        if self.run_id is not None and not finished and self.db is not None:
+            # Interrupted: save Adam state (so --resume need not replay) and pause the run.
             with contextlib.suppress(Exception):
-                await asyncio.wrap_future(fut)
-        db = self.db
-        if db is not None and getattr(self, "run_id", None) is not None and not finished:
-            # Interrupted: pause the run so workers idle; `--resume` picks it up again.
+                await asyncio.wait_for(self._save_state(), 30)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(db.execute("pause_run", self.run_id), 5)
-                await asyncio.wait_for(db.execute(
-                    "insert_event", self.run_id, "coordinator",
-                    f"coordinator stopped at step {self.step}; continue with --resume"), 5)
+                await asyncio.wait_for(self.store.pause(self.run_id), 5)
+                await asyncio.wait_for(self.store.event(
+                    self.run_id, "coordinator", f"coordinator stopped at step {self.step}; continue with --resume"), 5)
                 log.info("run %s paused at step %s; continue with `ganns-async coordinator --resume`",
                          self.run_id, self.step)
+        if self._vacuum_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._vacuum_task, 10)
         if self.listener is not None:
             await self.listener.close()
         if self._lock_conn is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._lock_conn.close(), 5)
-        if db is not None:
-            await db.close()
-        for task in self._evals.values():
-            task.cancel()
-        if self._push_task is not None:
-            self._push_task.cancel()
-        self._push_executor.shutdown(wait=False, cancel_futures=True)
-        self._eval_executor.shutdown(wait=False, cancel_futures=True)
+        if self.db is not None:
+            await self.db.close()
+        if self.evaluator is not None:
+            self.evaluator.close()
+        if self.publisher is not None:
+            self.publisher.close()
+        self._decoders.shutdown(wait=False, cancel_futures=True)
         self._executor.shutdown(wait=True)
         self.dataset.close()
 
+    def _new_book(self, step: int) -> StepBook:
+        return StepBook(units_per_step=self.cfg.units_per_step, max_staleness=self.cfg.max_staleness,
+                        step_timeout=self.opts.step_timeout, min_units=self.opts.min_units,
+                        step=step, opened_at=time.monotonic(), max_steps=self.opts.max_steps)
+
+    def _plan(self, start: int, end: int, version: int) -> list[NewUnit]:
+        out = []
+        for seq in range(start, end):
+            p = plan_unit(self.cfg, len(self.dataset), seq)
+            out.append(NewUnit(p.seq, p.step, version, p.epoch, p.indices, p.noise_seed))
+        return out
+
     async def _start_new(self) -> None:
-        assert self.db is not None
-        cfg = self.opts.config
-        self.cfg = cfg
-        old = await self.db.fetchrow("active_run")
+        cfg = self.cfg = self.opts.config
+        old = await self.store.stop_active_run()
         if old is not None:
-            await self.db.execute("set_run_status", old["id"], "stopped")
-            log.info("run %s was still active: marked stopped (use --resume to continue a run)", old["id"])
-        run = await self.db.fetchrow("create_run", cfg.to_json(), self.dataset.fingerprint, len(self.dataset))
-        assert run is not None
-        self.run_id = run["id"]
-        self._lock_conn = await hold_run_lock(self.opts.db_url, self.run_id)
+            log.info("run %s was still active: marked stopped (use --resume to continue a run)", old)
+        run = await self.store.create_run(cfg.to_json(), self.dataset.fingerprint, len(self.dataset))
+        self.run_id = run.id
+        self._lock_conn = await hold_run_lock(self.opts.db_url, run.id, application_name=APPLICATION_NAME)
         self.trainer = Trainer(cfg)
-        self.step = 0
-        self.next_seq = 0
+        self.trainer_version = 0
         self.images_seen = 0
-        weights, optimizer = await self._in_thread(self._encode_state)
-        await self.db.execute("insert_weights", self.run_id, 0, weights, optimizer)
-        async with self.db.transaction() as tx:
-            await self._queue_units(tx, upto_step=self.cfg.max_staleness, version=0)
-            await tx.execute("advance_run", self.run_id, 0, self.next_seq, 0)
-        await self._event("run", f"run {self.run_id} started: {len(self.dataset)} images, "
+        self.book = self._new_book(0)
+        weights, optimizer = await self._in_thread(self._encode, 0, True)
+        await self.store.write_weights(run.id, 0, weights, optimizer)
+        self.state_version = 0
+        end = self.book.queue_end()
+        await self.store.reopen(run.id, step=0, units=self._plan(0, end, 0), next_seq=end, images_seen=0)
+        self.next_seq = end
+        await self._event("run", f"run {run.id} started: {len(self.dataset)} images, "
                                  f"{cfg.units_per_step} units x {cfg.unit_size} images per step")
-        self._step_opened = time.monotonic()
-        if self.opts.eval_every:
-            self._schedule_eval()  # the step-0 baseline every later SWD is compared with
         self._publish()
 
     async def _resume(self) -> None:
-        assert self.db is not None
-        run = await self.db.fetchrow("latest_run")
+        run = await self.store.latest_run()
         if run is None:
             raise UserError("nothing to resume: the database holds no run (start one without --resume)")
-        if run["status"] == "done":
-            raise UserError(f"run {run['id']} already finished at step {run['step']}; start a new run without --resume")
-        if run["dataset_fingerprint"] != self.dataset.fingerprint:
+        if run.status == "done":
+            raise UserError(f"run {run.id} already finished at step {run.step}; start a new run without --resume")
+        if run.dataset_fingerprint != self.dataset.fingerprint:
             raise UserError(
-                f"cannot resume run {run['id']}: it trained on a different dataset "
-                f"(fingerprint {run['dataset_fingerprint']}, --data has {self.dataset.fingerprint})"
+                f"cannot resume run {run.id}: it trained on a different dataset "
+                f"(fingerprint {run.dataset_fingerprint}, --data has {self.dataset.fingerprint})"
             )
-        self._lock_conn = await hold_run_lock(self.opts.db_url, run["id"])
+        self._lock_conn = await hold_run_lock(self.opts.db_url, run.id, application_name=APPLICATION_NAME)
         if self._lock_conn is None:
-            raise UserError(f"run {run['id']} is being coordinated by another process (it holds the run's lock); "
+            raise UserError(f"run {run.id} is being coordinated by another process (it holds the run's lock); "
                             "stop that coordinator first")
-        run = await self.db.fetchrow("get_run", run["id"])  # re-read now that it is ours
+        run = await self.store.get_run(run.id)  # re-read now that it is ours
         assert run is not None
-        self.run_id = run["id"]
-        self.cfg = TrainConfig.from_json(run["config"])
+        self.run_id = run.id
+        self.cfg = TrainConfig.from_json(run.config)
         self.trainer = Trainer(self.cfg)
-        self.step = run["step"]
-        self.next_seq = run["next_seq"]
-        self.images_seen = run["images_seen"]
-        row = await self.db.fetchrow("weights_with_optimizer", self.run_id, self.step)
-        if row is None:
-            raise UserError(f"cannot resume run {self.run_id}: weights version {self.step} is missing from the database")
-        await self._in_thread(self._load_state, row["payload"], row["optimizer"])
-        await self.db.execute("delete_unannounced_weights", self.run_id, self.step)
-        requeued = await self.db.fetch("requeue_lost_units", self.run_id, self.step)
-        async with self.db.transaction() as tx:
-            await self._queue_units(tx, upto_step=self.step + self.cfg.max_staleness, version=self.step)
-            await tx.execute("advance_run", self.run_id, self.step, self.next_seq, 0)
-            await tx.execute("set_run_status", self.run_id, "running")
-        await self._event("run", f"run {self.run_id} resumed at step {self.step} "
-                                 f"({len(requeued)} unit(s) queued again)")
-        self._step_opened = time.monotonic()
+        saved = await self.store.latest_state(run.id, run.step)
+        if saved is None:
+            raise UserError(f"cannot resume run {run.id}: no weights up to version {run.step} are in the database")
+        version, payload, optimizer = saved
+        meta = await self._in_thread(self._load_state, payload, optimizer)
+        self.trainer_version = self.state_version = version
+        await self.store.delete_weights_after(run.id, version)
+        if version < run.step:
+            # Adam state is saved every --state-every steps: go back to the last save and
+            # compute the steps since again (the units are the same, so is the result).
+            if optimizer is None or "images_seen" not in meta:
+                raise UserError(f"cannot resume run {run.id}: no optimizer state saved at or before step {run.step}")
+            self.images_seen = int(meta["images_seen"])
+            self.book = self._new_book(version)
+            start = version * self.cfg.units_per_step
+            end = self.book.queue_end()
+            await self.store.rewind(run.id, version, self.images_seen, self._plan(start, end, version), end)
+            self.next_seq = end
+            await self._event("run", f"run {run.id} resumed at step {version}, the last saved state; "
+                                     f"replaying {run.step - version} step(s) up to {run.step}")
+        else:
+            self.images_seen = run.images_seen
+            self.book = self._new_book(version)
+            self.next_seq = run.next_seq
+            requeued = await self.store.requeue_lost_units(run.id, version)
+            end = max(self.next_seq, self.book.queue_end())
+            await self.store.reopen(run.id, step=version, units=self._plan(self.next_seq, end, version),
+                                    next_seq=end, images_seen=self.images_seen)
+            self.next_seq = end
+            await self._event("run", f"run {run.id} resumed at step {version} ({requeued} unit(s) queued again)")
         self._publish()
 
-    def _load_state(self, payload: bytes, optimizer: bytes | None) -> None:
+    def _load_state(self, payload: bytes, optimizer: bytes | None) -> dict[str, Any]:
         tensors, _ = codec.decode_tensors(payload, expected=codec.tensor_spec(self.trainer.state()))
         self.trainer.load_state(tensors)
-        if optimizer is not None:
-            opt_tensors, meta = codec.decode_tensors(optimizer)
-            self.trainer.load_optimizer_tensors(opt_tensors, meta)
+        if optimizer is None:
+            return {}
+        opt_tensors, meta = codec.decode_tensors(optimizer)
+        self.trainer.load_optimizer_tensors(opt_tensors, meta)
+        return dict(meta)
 
-    def _encode_state(self) -> tuple[bytes, bytes]:
-        weights = codec.encode_tensors(self.trainer.state(), meta={"step": self.step})
+    def _encode(self, version: int, with_state: bool, images_seen: int = 0) -> tuple[bytes, bytes | None]:
+        """Weights of ``version`` (every step) and, when due, Adam state and G's average."""
+        weights = codec.encode_tensors(self.trainer.state(), meta={"step": version})
+        if not with_state:
+            return weights, None
         opt_tensors, meta = self.trainer.optimizer_tensors()
+        meta["images_seen"] = images_seen  # what a rewind to this version restores
         return weights, codec.encode_tensors(opt_tensors, meta=meta)
 
-    async def _queue_units(self, tx: Any, *, upto_step: int, version: int) -> None:
-        """Create the units of every step up to ``upto_step`` that do not exist yet."""
-        cfg = self.cfg
-        if self.opts.max_steps is not None:
-            upto_step = min(upto_step, self.opts.max_steps - 1)
-        end_seq = (upto_step + 1) * cfg.units_per_step
-        units = []
-        for seq in range(self.next_seq, end_seq):
-            p = plan_unit(cfg, len(self.dataset), seq)
-            units.append({"seq": p.seq, "step": p.step, "version": version, "epoch": p.epoch,
-                          "indices": p.indices, "noise_seed": p.noise_seed})
-        if units:
-            await tx.execute("insert_units", self.run_id, json.dumps(units))
-            self.next_seq = end_seq
+    async def _save_state(self) -> None:
+        """Adam state for the published version, if it is not saved yet (on stop)."""
+        if self.state_version == self.step or self.trainer_version != self.step:
+            return
+        _, optimizer = await self._in_thread(self._encode, self.step, True, self.images_seen)
+        assert self.run_id is not None and optimizer is not None
+        await self.store.save_state(self.run_id, self.step, optimizer)
+        self.state_version = self.step
 
     # --- the loop ----------------------------------------------------------------------
 
     async def _loop(self) -> bool:
-        """Returns True when max_steps was reached."""
-        assert self.db is not None
+        """Returns True when the run ended (max_steps reached or stopped by the operator)."""
         next_sweep = time.monotonic() + self.opts.sweep_s
+        backoff = iter(backoff_delays())
         while True:
-            if self.opts.max_steps is not None and self.step >= self.opts.max_steps:
+            if self.book.finished():
                 await self._finish()
                 return True
             self.wake.clear()
-            if await self._stopped_by_operator():
-                return True
             try:
+                if await self._stopped_by_operator():
+                    return True
                 await self._drain()
                 now = time.monotonic()
                 if now >= next_sweep:
@@ -319,74 +347,103 @@ class Coordinator:
                     next_sweep = now + self.opts.sweep_s
             except CONNECTION_ERRORS as exc:
                 # Reading and folding gradients is safe to repeat (each unit counts once).
-                delay = next(self._backoff)
+                delay = next(backoff)
                 log.warning("database unavailable (%s); retrying in %.1fs", type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 continue
-            self._backoff = iter(backoff_delays())
-            try:
-                if await self._maybe_close_step():
-                    continue
-            except CONNECTION_ERRORS as exc:
-                # Half a publish is not safe to repeat in memory; the database knows where we were.
-                raise UserError(f"lost the database while publishing step {self.step}: {exc}; "
-                                "restart the coordinator with --resume") from exc
+            backoff = iter(backoff_delays())
+            decision = self.book.ready(time.monotonic())
+            if decision is not None:
+                try:
+                    await self._close_step(decision)
+                except CONNECTION_ERRORS as exc:
+                    raise UserError(f"lost the database while publishing step {self.step}: {exc}; "
+                                    "restart the coordinator with --resume") from exc
+                continue
             now = time.monotonic()
-            deadline = self._step_opened + self.opts.step_timeout
-            if self._overdue():
-                deadline = next_sweep  # overdue but short of --min-units: wait for gradients, don't spin
-            timeout = max(0.05, min(next_sweep, deadline) - now)
+            timeout = max(0.05, self.book.wake_at(now, next_sweep) - now)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)
 
+    async def _stopped_by_operator(self) -> bool:
+        """`ganns-async control stop` (or a psql UPDATE) ends the run; pause just idles the workers."""
+        if not self._control_changed:
+            return False
+        self._control_changed = False
+        assert self.run_id is not None
+        run = await self.store.get_run(self.run_id)
+        if run is None or run.status != "stopped":
+            return False
+        self._queue_outputs()
+        await self.outputs.wait()
+        await self._save_state()
+        await self._event("run", f"run {self.run_id} stopped by the operator at step {self.step}")
+        return True
+
     async def _sweep(self) -> None:
         """The safety sweep: expired leases back to pending; lost notifications caught up by the next drain."""
-        assert self.db is not None
-        for row in await self.db.fetch("requeue_expired_leases", self.run_id):
+        assert self.run_id is not None
+        for unit_id, step, who in await self.store.requeue_expired_leases(self.run_id):
             self.status.requeued += 1
-            await self._event("requeue", f"unit {row['id']} (step {row['step']}) lease expired on "
-                                         f"{row['worker_name'] or 'a departed worker'}; back to pending")
+            await self._event("requeue", f"unit {unit_id} (step {step}) lease expired on "
+                                         f"{who or 'a departed worker'}; back to pending")
 
     async def _drain(self) -> None:
-        """Fold every stored gradient into its step's accumulator."""
-        assert self.db is not None
-        rows = await self.db.fetch("pending_gradients", self.run_id)
-        for row in rows:
-            await self._take(row)
+        """Fetch, decode and fold every stored gradient, several at once."""
+        assert self.run_id is not None
+        takes = []
+        for g in await self.store.pending_gradients(self.run_id):
+            if g.id in self._in_flight:
+                continue
+            verdict = self.book.admit(unit_id=g.unit_id, unit_step=g.step, version=g.version,
+                                      unit_done=g.unit_state == "done")
+            if verdict is Admission.STALE:
+                self.status.stale_dropped += 1
+                await self.store.drop_gradient(g)
+                await self._event("stale", f"dropped a gradient from {g.who} for closed step {g.step} "
+                                           f"(unit {g.unit_id})")
+            elif verdict is Admission.DUPLICATE:
+                await self.store.consume_gradient(g)  # folded before a lost connection; finish the job
+            else:
+                takes.append(self._take(g))
+        if takes:
+            await asyncio.gather(*takes)
 
-    async def _take(self, row: Any) -> None:
-        assert self.db is not None
-        who = row["worker_name"] or f"worker {row['worker_id']}"
-        staleness = row["step"] - row["version"]
-        if row["step"] < self.step or row["unit_state"] != "done" or staleness > self.cfg.max_staleness:
-            self.status.stale_dropped += 1
-            await self.db.execute("drop_gradient", row["id"], row["unit_id"])
-            await self._event("stale", f"dropped a gradient from {who} for closed step {row['step']} (unit {row['unit_id']})")
-            return
-        blob = await self.db.fetchval("gradient_payload", row["id"])
+    async def _take(self, g: GradientRow) -> None:
+        self._in_flight.add(g.id)
         try:
-            if blob is None:
-                raise PayloadError("gradient row vanished")
-            result = await self._in_thread(self._decode_gradient, blob, row["n_samples"])
-        except PayloadError as exc:
-            self.status.rejected += 1
-            reason = str(exc)
-            state = await self.db.fetchval("reject_gradient", row["id"], row["unit_id"], self.run_id,
-                                           row["worker_id"], reason, MAX_UNIT_ATTEMPTS)
-            await self._event("rejected", f"gradient from {who} for unit {row['unit_id']} rejected: {reason}")
-            if state == "cancelled":
-                self._given_up.setdefault(row["step"], set()).add(row["unit_id"])
-                await self._event("rejected", f"unit {row['unit_id']} gave bad gradients {MAX_UNIT_ATTEMPTS} times; "
-                                              "step goes on without it")
-            return
-        acc = self.acc.get(row["step"])
-        if acc is None:
-            acc = self.acc[row["step"]] = StepAccumulator(row["step"])
-        # Summing 6M floats is work for the train thread, not the event loop.
-        await self._in_thread(acc.add, row["unit_id"], result, row["worker_id"])
-        await self.db.execute("consume_gradient", row["id"], row["unit_id"])
+            async with self._fetch_slots:
+                blob = await self.store.gradient_payload(g.id)
+                try:
+                    if blob is None:
+                        raise PayloadError("gradient row vanished")
+                    result = await asyncio.get_running_loop().run_in_executor(
+                        self._decoders, self._decode_gradient, blob, g.n_samples)
+                except PayloadError as exc:
+                    await self._reject(g, str(exc))
+                    return
+                del blob
+            acc = self.acc.get(g.step)
+            if acc is None:
+                acc = self.acc[g.step] = StepAccumulator(g.step)
+            # Summing 6M floats is work for the train thread, not the event loop.
+            await self._in_thread(acc.add, g.unit_id, result, g.worker_id)
+            self.book.folded(g.step, g.unit_id)
+            await self.store.consume_gradient(g)
+        finally:
+            self._in_flight.discard(g.id)
 
-    def _decode_gradient(self, blob: bytes, n_samples: int) -> Any:
+    async def _reject(self, g: GradientRow, reason: str) -> None:
+        assert self.run_id is not None
+        self.status.rejected += 1
+        state = await self.store.reject_gradient(self.run_id, g, reason, MAX_UNIT_ATTEMPTS)
+        await self._event("rejected", f"gradient from {g.who} for unit {g.unit_id} rejected: {reason}")
+        if state == "cancelled":
+            self.book.give_up(g.step, g.unit_id)
+            await self._event("rejected", f"unit {g.unit_id} gave bad gradients {MAX_UNIT_ATTEMPTS} times; "
+                                          "step goes on without it")
+
+    def _decode_gradient(self, blob: bytes, n_samples: int) -> UnitResult:
         tensors, meta = codec.decode_tensors(blob, expected=gradient_spec(self.trainer.g, self.trainer.d))
         if meta.get("n_samples") != n_samples:
             raise PayloadError(f"payload says {meta.get('n_samples')!r} samples, row says {n_samples}")
@@ -397,70 +454,98 @@ class Coordinator:
             raise PayloadError("metrics must be a map of numbers")
         return split_result(tensors, self.trainer.g, self.trainer.d, n_samples, metrics)
 
-    def _overdue(self) -> bool:
-        return time.monotonic() - self._step_opened >= self.opts.step_timeout
+    # --- closing a step --------------------------------------------------------------
 
-    async def _maybe_close_step(self) -> bool:
-        acc = self.acc.get(self.step) or StepAccumulator(self.step)
-        given_up = len(self._given_up.get(self.step, ()))
-        arrived = len(acc.units)
-        if arrived + given_up >= self.cfg.units_per_step:
-            await self._close_step(acc, partial=given_up > 0)
-            return True
-        if self._overdue() and arrived >= self.opts.min_units:
-            await self._close_step(acc, partial=True)
-            return True
-        return False
+    def _advance(self, acc: StepAccumulator, version: int, with_state: bool, images_seen: int) -> tuple[bytes, bytes | None]:
+        """On the train thread: one Adam step (once, even if publishing is retried), then encode."""
+        if self.trainer_version == version - 1:
+            if acc.n > 0:
+                self.trainer.apply(acc.mean_grads(), acc.mean_buffers())
+            self.trainer_version = version
+        return self._encode(version, with_state, images_seen)
 
-    async def _close_step(self, acc: StepAccumulator | None, *, partial: bool) -> None:
-        assert self.db is not None and acc is not None
-        closed = self.step
-        if acc.n > 0:
-            await self._in_thread(lambda: self.trainer.apply(acc.mean_grads(), acc.mean_buffers()))
-        self.step = closed + 1
-        self.images_seen += acc.n
-        weights, optimizer = await self._in_thread(self._encode_state)
-        # Heavy write first, in its own transaction; the light one below announces it.
-        await self.db.execute("insert_weights", self.run_id, self.step, weights, optimizer)
+    def _state_due(self, version: int) -> bool:
+        last = self.opts.max_steps is not None and version >= self.opts.max_steps
+        return last or version % self.opts.state_every == 0
+
+    async def _close_step(self, decision: CloseDecision) -> None:
+        assert self.run_id is not None
+        closed = decision.step
+        version = closed + 1
+        acc = self.acc.get(closed) or StepAccumulator(closed)
+        images_after = self.images_seen + acc.n
+        with_state = self._state_due(version)
+        t0 = time.perf_counter()
+        weights, optimizer = await self._in_thread(self._advance, acc, version, with_state, images_after)
+        t1 = time.perf_counter()
+        # The heavy write first, in its own transaction; the light one below announces it.
+        await self.store.write_weights(self.run_id, version, weights, optimizer)
+        del weights, optimizer
+        t2 = time.perf_counter()
         metrics = acc.metrics()
-        epoch = (self.step * self.cfg.units_per_step * self.cfg.unit_size - 1) // len(self.dataset)
-        async with self.db.transaction() as tx:
-            if partial:
-                await tx.execute("cancel_open_units", self.run_id, closed)
-            await tx.execute("retarget_pending_units", self.run_id, self.step)
-            await self._queue_units(tx, upto_step=self.step + self.cfg.max_staleness, version=self.step)
-            await tx.execute("advance_run", self.run_id, self.step, self.next_seq, acc.n)
-            await tx.execute(
-                "insert_metrics", self.run_id, self.step, epoch, acc.n, len(acc.units),
-                metrics.get("g_loss"), metrics.get("d_loss"), metrics.get("d_x"), metrics.get("d_g_z"), None,
-            )
-        self._contributors.update(acc.workers)
+        epoch = (version * self.cfg.units_per_step * self.cfg.unit_size - 1) // len(self.dataset)
+        end = max(self.next_seq, self.book.queue_end(version))
+        await self.store.publish_step(
+            self.run_id, version=version, partial_step=closed if decision.partial else None,
+            units=self._plan(self.next_seq, end, version), next_seq=end, images_seen=images_after,
+            record=StepRecord(version, epoch, acc.n, len(acc.units), metrics))
+        t3 = time.perf_counter()
+        # Committed: only now does the in-memory state move on.
+        self.next_seq = end
+        self.images_seen = images_after
+        if with_state:
+            self.state_version = version
+        self.book.close(time.monotonic())
         self.acc.pop(closed, None)
-        self._given_up.pop(closed, None)
-        keep_from = max(0, self.step - self.cfg.max_staleness - 1)
-        await self.db.execute("prune_weights", self.run_id, keep_from)
-        await self.db.execute("prune_optimizer_state", self.run_id, self.step)
-        await self.db.execute("prune_units", self.run_id, keep_from - 1)
-        self._step_opened = time.monotonic()
+        self._contributors.update(acc.workers)
+        await self.store.prune(self.run_id, keep_versions_from=max(0, version - self.cfg.max_staleness - 1),
+                               keep_state_version=self.state_version)
+        self._vacuum()
         self.status.epoch = epoch
-        self.status.history.append({"step": self.step, **metrics})
-        if partial:
-            await self._event("step", f"step {closed} closed on its deadline with {len(acc.units)} unit(s)")
-        position = self.step * self.cfg.units_per_step * self.cfg.unit_size
+        self.status.history.append({"step": version, **metrics})
+        if decision.partial:
+            why = "on its deadline" if decision.reason == "deadline" else "without its given-up unit(s)"
+            await self._event("step", f"step {closed} closed {why} with {len(acc.units)} unit(s)")
+        position = version * self.cfg.units_per_step * self.cfg.unit_size
         log.info("step %d (epoch %d, %.0f%% through it): %d images from %d unit(s), %d worker(s); "
                  "d_loss=%.3f g_loss=%.3f D(x)=%.3f D(G(z))=%.3f",
-                 self.step, position // len(self.dataset), 100 * (position % len(self.dataset)) / len(self.dataset),
+                 version, position // len(self.dataset), 100 * (position % len(self.dataset)) / len(self.dataset),
                  acc.n, len(acc.units), len(acc.workers), metrics.get("d_loss", float("nan")),
                  metrics.get("g_loss", float("nan")), metrics.get("d_x", float("nan")),
                  metrics.get("d_g_z", float("nan")))
-        if self.opts.eval_every and self.step % self.opts.eval_every == 0:
-            self._schedule_eval()
-        if self.step % self.opts.checkpoint_every == 0:
-            self._write_outputs()
-            await self._write_metrics_plot()
-        if self._pusher is not None and self.step % (self.opts.hf_push_every or self.opts.checkpoint_every) == 0:
-            self._maybe_push()
+        log.debug("step %d timings: adam+encode %.3fs, weights write %.3fs, announce %.3fs%s",
+                  version, t1 - t0, t2 - t1, t3 - t2, " (with state)" if with_state else "")
+        await self._check_idle()
+        if self.opts.eval_every and version % self.opts.eval_every == 0 and self.evaluator is not None:
+            self.evaluator.schedule(version, self.trainer)
+        if version % self.opts.checkpoint_every == 0:
+            self._queue_outputs()
+            await self.outputs.metrics_plot(await self.store.run_metrics(self.run_id), self.run_id)
+        if self.publisher is not None and version % (self.opts.hf_push_every or self.opts.checkpoint_every) == 0:
+            self.publisher.maybe_push(self._push_info())
         self._publish()
+
+    def _vacuum(self) -> None:
+        """Return the space of the blobs just pruned, off the step's critical path."""
+        if self._vacuum_task is not None and not self._vacuum_task.done():
+            return  # the last one is still at it; the next step asks again
+        self._vacuum_task = asyncio.create_task(self._vacuum_now(), name="vacuum")
+
+    async def _vacuum_now(self) -> None:
+        try:
+            await self.store.vacuum_blobs()
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            log.debug("vacuum skipped: %s", exc)
+
+    async def _check_idle(self) -> None:
+        """Say once when more workers are online than there are units to share."""
+        if self._idle_said or self.run_id is None:
+            return
+        online = await self.store.online_workers(self.run_id, ONLINE_WITHIN_S)
+        notice = idle_notice(online, self.book.capacity())
+        if notice is not None:
+            self._idle_said = True
+            await self._event("idle", notice)
 
     def _publish(self) -> None:
         self.status.run_id = self.run_id
@@ -471,126 +556,41 @@ class Coordinator:
             self.on_status(self.status)
 
     async def _finish(self) -> None:
-        assert self.db is not None
+        assert self.run_id is not None and self.evaluator is not None
         if self.opts.eval_every:
-            self._schedule_eval()
-        await self._wait_for_evals()
-        self._write_outputs()
-        for fut in self._pending_io:
-            try:
-                await asyncio.wrap_future(fut)
-            except OSError as exc:
-                raise UserError(f"could not write the checkpoint or samples under {self.opts.out}: {exc}") from exc
-        self._pending_io.clear()
-        await self._write_metrics_plot()
-        if self._pusher is not None:
-            if self._push_task is not None:
-                await asyncio.gather(self._push_task, return_exceptions=True)
-            self._push_not_before = 0.0  # the final state is worth one more try
-            self._maybe_push()
-            if self._push_task is not None:
-                await asyncio.gather(self._push_task, return_exceptions=True)
-        await self.db.execute("set_run_status", self.run_id, "done")
-        if self.swd:
-            first, last = min(self.swd), max(self.swd)
-            await self._event("quality", f"SWD x1e3: {self.swd[first]:.1f} at step {first} -> "
-                                         f"{self.swd[last]:.1f} at step {last}")
+            self.evaluator.schedule(self.step, self.trainer)
+        await self.evaluator.wait()
+        self._queue_outputs()
+        await self.outputs.wait(strict=True)
+        await self.outputs.metrics_plot(await self.store.run_metrics(self.run_id), self.run_id)
+        if self.publisher is not None:
+            await self.publisher.final_push(self._push_info())
+        await self._save_state()
+        await self.store.set_status(self.run_id, "done")
+        summary = self.evaluator.summary()
+        if summary:
+            await self._event("quality", summary)
         await self._event("run", f"run {self.run_id} finished at step {self.step}")
         log.info("checkpoint: %s", self.opts.out / CHECKPOINT_NAME)
 
-    # --- Hugging Face Hub -----------------------------------------------------------------
+    # --- outputs, quality, the Hub -------------------------------------------------------
 
-    def _maybe_push(self) -> None:
-        """Start a push unless one is running or we are backing off after failures."""
-        if self._push_task is not None and not self._push_task.done():
-            return
-        if time.monotonic() < self._push_not_before:
-            return
-        info = {"step": self.step, "epoch": self.status.epoch, "images_seen": self.images_seen,
-                "workers": len(self._contributors), "swd": self.swd[max(self.swd)] if self.swd else None,
-                "config": dataclasses.asdict(self.cfg)}
-        self._push_task = asyncio.create_task(self._push(info), name=f"push-{self.step}")
+    def _queue_outputs(self) -> None:
+        assert self.run_id is not None
+        self.outputs.queue(self.trainer, step=self.step, epoch=self.status.epoch, images_seen=self.images_seen,
+                           run_id=self.run_id)
 
-    async def _push(self, info: dict[str, Any]) -> None:
-        from ganns_async.hub import PushError, push_backoff
-
-        assert self._pusher is not None
-        # The checkpoint for this step is written on the train thread first.
-        for fut in list(self._pending_io):
-            with contextlib.suppress(Exception):
-                await asyncio.wrap_future(fut)
-        try:
-            url = await asyncio.get_running_loop().run_in_executor(
-                self._push_executor, self._pusher.push, self.opts.out, info)
-        except (PushError, Exception) as exc:  # noqa: BLE001 - a push must never stop training
-            self._push_failures += 1
-            delay = push_backoff(self._push_failures)
-            if isinstance(exc, PushError) and not exc.transient:
-                delay = max(delay, 600.0)
-            self._push_not_before = time.monotonic() + delay
-            await self._event("hub", f"push of step {info['step']} to {self.opts.hf_repo} failed: {exc}; "
-                                     f"next try in {delay:.0f}s or later")
-            return
-        self._push_failures = 0
-        await self._event("hub", f"pushed step {info['step']} to {url}")
-
-    # --- quality -----------------------------------------------------------------------
-
-    def _schedule_eval(self) -> None:
-        """SWD of the current generator against real images, off the loop and off the train thread."""
-        import copy
-
-        step = self.step
-        if step in self._evals or step in self.swd:
-            return
-        # The snapshot is taken on the train thread, in order: after this step's update,
-        # before the next one, and without copying 14 MB on the event loop.
-        snapshot = self._executor.submit(lambda: copy.deepcopy(self.trainer.sampler).cpu())
-        self._evals[step] = asyncio.create_task(self._eval_and_record(step, snapshot), name=f"eval-{step}")
-
-    async def _eval_and_record(self, step: int, snapshot: concurrent.futures.Future[Any]) -> None:
-        from ganns_async.quality import evaluate_generator
-
-        assert self.db is not None
-        g = await asyncio.wrap_future(snapshot)
-        dataset, n, seed = self.dataset, self.opts.eval_n, self.cfg.seed
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._eval_executor, lambda: evaluate_generator(g, dataset, n=n, seed=seed))
-        except Exception as exc:  # noqa: BLE001 - a failed evaluation must not stop training
-            log.warning("evaluation at step %d failed: %s", step, exc)
-            return
-        swd = float(result["swd_avg"])
-        self.swd[step] = swd
-        await self.db.execute("record_swd", self.run_id, step, swd)
-        log.info("step %d: SWD x1e3 = %.1f", step, swd)
+    async def _record_swd(self, step: int, swd: float) -> None:
+        assert self.run_id is not None
+        await self.store.record_swd(self.run_id, step, swd)
         self._publish()
 
-    async def _wait_for_evals(self) -> None:
-        tasks = list(self._evals.values())
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+    @property
+    def swd(self) -> dict[int, float]:
+        return self.evaluator.swd if self.evaluator is not None else {}
 
-    # --- outputs -----------------------------------------------------------------------
-
-    def _write_outputs(self) -> None:
-        """Queue a checkpoint and a sample grid on the compute thread (after this step's math)."""
-        fut = self._executor.submit(self._write_outputs_now, self.step, self.status.epoch, self.images_seen)
-        for done in (f for f in self._pending_io if f.done()):
-            if done.exception() is not None:
-                log.error("writing the checkpoint or samples failed: %s", done.exception())
-        self._pending_io = [f for f in self._pending_io if not f.done()] + [fut]
-
-    def _write_outputs_now(self, step: int, epoch: int, images_seen: int) -> None:
-        ckpt = write_checkpoint(self.trainer, self.opts.out, step=step, epoch=epoch, images_seen=images_seen,
-                                extra={"run_id": int(self.run_id)})
-        grid = write_sample_grid(self.trainer, self.opts.out, step=step)
-        log.info("wrote %s and %s", ckpt, grid)
-
-    async def _write_metrics_plot(self) -> None:
-        from ganns_async.plots import write_metrics_plot
-
-        assert self.db is not None
-        rows = [dict(r) for r in await self.db.fetch("run_metrics", self.run_id)]
-        await self._in_thread(lambda: write_metrics_plot(rows, self.opts.out / "metrics.png",
-                                                         title=f"ganns-async run {self.run_id}"))
+    def _push_info(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.status.epoch, "images_seen": self.images_seen,
+                "workers": len(self._contributors),
+                "swd": self.evaluator.latest() if self.evaluator is not None else None,
+                "config": dataclasses.asdict(self.cfg)}

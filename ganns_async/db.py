@@ -119,11 +119,21 @@ def _check_url(url: str) -> None:
         raise UserError(f"bad database URL: {exc} (expected postgresql://user:pass@host:5432/dbname)") from None
 
 
-async def connect(url: str) -> asyncpg.Connection:
-    """One connection, for listeners and migrations; errors become UserError."""
+def _settings(application_name: str | None) -> dict[str, str] | None:
+    """``application_name`` makes pg_stat_activity say who is who. PostgreSQL keeps
+    printable ASCII only and cuts it at 63 bytes; we do the same so a hostile worker
+    name cannot make the login fail."""
+    if not application_name:
+        return None
+    clean = "".join(c if 32 <= ord(c) < 127 else "?" for c in application_name)
+    return {"application_name": clean[:63]}
+
+
+async def connect(url: str, *, application_name: str | None = None) -> asyncpg.Connection:
+    """One connection, for listeners, locks and migrations; errors become UserError."""
     _check_url(url)
     try:
-        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S)
+        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S, server_settings=_settings(application_name))
     except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - translated for the user
         raise _translate(url, exc) from exc
 
@@ -136,11 +146,12 @@ class Database:
         self.url = url
 
     @classmethod
-    async def open(cls, url: str, *, max_size: int = 4) -> "Database":
+    async def open(cls, url: str, *, max_size: int = 4, application_name: str | None = None) -> "Database":
         _check_url(url)
         try:
             pool = await asyncpg.create_pool(
                 url, min_size=1, max_size=max_size, timeout=CONNECT_TIMEOUT_S,
+                server_settings=_settings(application_name),
                 # Blobs are large; don't keep statement caches of them around.
                 max_cacheable_statement_size=1024 * 15,
             )
@@ -194,13 +205,13 @@ class Tx:
         await self.conn.execute(sql)
 
 
-async def hold_run_lock(url: str, run_id: int) -> asyncpg.Connection | None:
+async def hold_run_lock(url: str, run_id: int, *, application_name: str | None = None) -> asyncpg.Connection | None:
     """Take the run's advisory lock on a connection of its own; None if someone holds it.
 
     The lock lives as long as the returned connection (a pooled one would drop it on
     release), so two coordinators can never drive the same run.
     """
-    conn = await connect(url)
+    conn = await connect(url, application_name=application_name)
     if await conn.fetchval(queries()["try_lock_run"], run_id):
         return conn
     await conn.close()
@@ -232,12 +243,14 @@ class Listener:
         on_reconnect: Callable[[], None] | None = None,
         *,
         ping_after: float = 30.0,
+        application_name: str | None = None,
     ) -> None:
         self.url = url
         self.channels = list(channels)
         self.on_notify = on_notify
         self.on_reconnect = on_reconnect
         self.ping_after = ping_after
+        self.application_name = application_name
         self.connected = asyncio.Event()  # test and UI signal
         self.reconnects = 0
         self._conn: asyncpg.Connection | None = None
@@ -250,7 +263,7 @@ class Listener:
         self._task = asyncio.create_task(self._run(), name="listener")
 
     async def _connect(self) -> None:
-        conn = await connect(self.url)
+        conn = await connect(self.url, application_name=self.application_name)
         self._lost.clear()
         conn.add_termination_listener(lambda _c: self._lost.set())
         try:

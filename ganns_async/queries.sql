@@ -48,15 +48,19 @@ DO UPDATE SET payload = EXCLUDED.payload, optimizer = EXCLUDED.optimizer, create
 -- name: weights_payload
 SELECT payload FROM weights WHERE run_id = $1 AND version = $2;
 
--- name: weights_with_optimizer
-SELECT payload, optimizer FROM weights WHERE run_id = $1 AND version = $2;
-
--- name: advance_run
--- Announces version $2 (the runs trigger notifies ganns_weights).
+-- name: latest_saved_state
+-- What --resume starts from: the newest announced version with Adam state saved
+-- (--state-every), or failing that the newest one.
+SELECT version, payload, optimizer FROM weights
+ WHERE run_id = $1 AND version <= $2
+ ORDER BY (optimizer IS NOT NULL) DESC, version DESC
+ LIMIT 1;
+-- name: set_run_position
+-- Announces version $2 (the runs trigger notifies ganns_weights). Every value is absolute,
+-- so repeating it after a lost connection changes nothing.
 UPDATE runs
-   SET step = $2, next_seq = $3, images_seen = images_seen + $4, updated_at = now()
+   SET step = $2, next_seq = $3, images_seen = $4, updated_at = now()
  WHERE id = $1;
-
 -- name: retarget_pending_units
 -- Units nobody has started yet are computed on the newest weights instead.
 UPDATE work_units SET version = $2
@@ -91,22 +95,39 @@ ON CONFLICT (run_id, step) DO UPDATE SET swd = EXCLUDED.swd;
 SELECT * FROM metrics WHERE run_id = $1 ORDER BY step;
 
 -- name: prune_weights
--- Keep only versions that live units may still need.
-DELETE FROM weights WHERE run_id = $1 AND version < $2;
-
+-- Keep only versions that live units may still need, and the one --resume starts from.
+DELETE FROM weights WHERE run_id = $1 AND version < $2 AND version <> $3;
 -- name: prune_optimizer_state
--- Adam state is needed for the newest version only (resume).
+-- Adam state is needed for the newest saved version only (resume).
 UPDATE weights SET optimizer = NULL
  WHERE run_id = $1 AND version < $2 AND optimizer IS NOT NULL;
 
+-- name: save_state
+-- Adam state for an already published version (when the coordinator stops between saves).
+UPDATE weights SET optimizer = $3 WHERE run_id = $1 AND version = $2;
+
+-- name: vacuum_blobs
+-- Deleted blobs leave dead TOAST chunks that default autovacuum reaches only after
+-- minutes (tens of MB a second are deleted here). Vacuuming right after each prune makes
+-- their space reusable for the next step's blobs, so the tables stay at their working
+-- size. SKIP_LOCKED: never wait behind anyone; the next step tries again.
+VACUUM (SKIP_LOCKED) weights, gradients, work_units;
+
+-- name: online_workers
+SELECT count(*) FROM workers
+ WHERE run_id = $1 AND state <> 'offline' AND last_seen > now() - make_interval(secs => $2);
 -- name: prune_units
 DELETE FROM work_units
  WHERE run_id = $1 AND step < $2 AND state IN ('used', 'cancelled');
 
--- name: delete_unannounced_weights
--- A crash between writing weights and announcing them leaves a version nobody uses.
+-- name: delete_weights_after
+-- A crash between writing weights and announcing them leaves a version nobody uses;
+-- a rewind to the last saved state drops the versions after it.
 DELETE FROM weights WHERE run_id = $1 AND version > $2;
 
+-- name: delete_units_from
+-- Rewinding to version $2: the units of steps from $2 on are planned again.
+DELETE FROM work_units WHERE run_id = $1 AND step >= $2;
 -- name: requeue_lost_units
 -- On resume: gradients already folded into the lost in-memory sum ('used' units of
 -- open steps), and gradients lost with an unlogged table after a server crash, are

@@ -41,6 +41,7 @@ from ganns_async.errors import UserError
 from ganns_async.hardware import cpu_info, gpu_info, pick_device
 from ganns_async.migrate import require_migrated
 from ganns_async.model import build_models
+from ganns_async.store import RunRow, UnitRow, WorkerStore
 from ganns_async.training import TrainConfig, load_state_tensors, run_unit, state_tensors
 
 log = logging.getLogger("ganns_async.worker")
@@ -100,7 +101,7 @@ class Worker:
         self.db: Database | None = None
         self.listener: Listener | None = None
         self.dataset: ImageDataset | None = None
-        self._unit: Any = None  # the claimed unit's row, while we hold its lease
+        self._unit: UnitRow | None = None  # the claimed unit, while we hold its lease
         self._held: tuple[int, int] | None = None  # (run_id, version) loaded into the models
         self._joined_run: int | None = None
         self._db_written = "idle"
@@ -137,8 +138,8 @@ class Worker:
         self._publish_status(state=state, **changes)
         after = self._db_state()
         if self._db_written != after:
-            assert self.db is not None
-            await self.db.execute("worker_heartbeat", self.worker_id, after, self._joined_run)
+            assert self.worker_id is not None
+            await self.store.heartbeat(self.worker_id, after, self._joined_run)
             self._db_written = after
 
     async def _wait(self, timeout: float) -> None:
@@ -162,18 +163,20 @@ class Worker:
         self.g.to(self.device)
         self.d.to(self.device)
         self.spec_state = codec.tensor_spec(state_tensors(self.g, self.d))
-        self.db = await Database.open(opts.db_url, max_size=3)
+        # Two connections per worker, whatever it does: this one for queries (the heartbeat
+        # waits while a unit uploads) and the listener's. A class of 40 then needs 80.
+        app = f"ganns-async worker {self.status.name}"
+        self.db = await Database.open(opts.db_url, max_size=1, application_name=app)
+        self.store = WorkerStore(self.db)
         try:
             await require_migrated(self.db)
-            self.worker_id = await self.db.fetchval(
-                "register_worker", self.status.name, socket.gethostname(), str(self.device),
-                cpu_info(), gpu_info(self.device),
-            )
+            self.worker_id = await self.store.register(
+                self.status.name, socket.gethostname(), str(self.device), cpu_info(), gpu_info(self.device))
             self._publish_status(device=str(self.device))
             log.info("worker %s (#%s) on %s joined; dataset %d images (%s)", self.status.name,
                      self.worker_id, self.device, len(self.dataset), self.dataset.fingerprint)
             self.listener = Listener(opts.db_url, [UNITS_CHANNEL, CONTROL_CHANNEL, WEIGHTS_CHANNEL],
-                                     self._notify, self._reconnected)
+                                     self._notify, self._reconnected, application_name=app)
             await self.listener.start()
             heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
             self.ready.set()
@@ -193,17 +196,15 @@ class Worker:
         if db is not None:
             with contextlib.suppress(Exception):
                 if self.worker_id is not None:
-                    released = await asyncio.wait_for(db.fetch("release_my_units", self.worker_id), 5)
-                    for row in released:
-                        log.info("released unit %s", row["id"])
+                    for unit_id in await asyncio.wait_for(self.store.release_all(self.worker_id), 5):
+                        log.info("released unit %s", unit_id)
                     self._unit = None
             with contextlib.suppress(Exception):
                 if self.worker_id is not None:
-                    await asyncio.wait_for(db.execute("worker_offline", self.worker_id), 5)
+                    await asyncio.wait_for(self.store.offline(self.worker_id), 5)
                 if self._joined_run is not None:
-                    await asyncio.wait_for(db.execute(
-                        "insert_event", self._joined_run, "leave",
-                        f"{self.status.name} left after {self.status.units_done} unit(s)"), 5)
+                    await asyncio.wait_for(self.store.event(
+                        self._joined_run, "leave", f"{self.status.name} left after {self.status.units_done} unit(s)"), 5)
         if self.listener is not None:
             await self.listener.close()
         if db is not None:
@@ -213,16 +214,14 @@ class Worker:
             self.dataset.close()
 
     async def _heartbeat(self) -> None:
-        assert self.db is not None
+        assert self.worker_id is not None
         while True:
             await asyncio.sleep(self.opts.heartbeat_s)
             try:
-                await self.db.execute("worker_heartbeat", self.worker_id, self._db_state(), self._joined_run)
+                await self.store.heartbeat(self.worker_id, self._db_state(), self._joined_run)
                 unit = self._unit
-                if unit is not None:
-                    held = await self.db.fetchval("extend_lease", unit["id"], self.worker_id, self.opts.lease_s)
-                    if held is None:
-                        log.warning("lost the lease on unit %s (it will be recomputed elsewhere)", unit["id"])
+                if unit is not None and not await self.store.extend_lease(unit.id, self.worker_id, self.opts.lease_s):
+                    log.warning("lost the lease on unit %s (it will be recomputed elsewhere)", unit.id)
             except Exception as exc:  # noqa: BLE001 - a dead heartbeat would silently lose every lease
                 log.warning("heartbeat failed: %s", exc)
                 self._publish_status(connection="reconnecting")
@@ -243,9 +242,9 @@ class Worker:
 
     async def _once(self) -> None:
         """Find work and do one unit of it, or wait for a notification."""
-        assert self.db is not None and self.dataset is not None
+        assert self.worker_id is not None and self.dataset is not None
         self.wake.clear()  # clear first: a notification arriving during the queries re-wakes us
-        run = await self.db.fetchrow("active_run")
+        run = await self.store.active_run()
         self._publish_status(connection="connected")
         if run is None:
             if self.status.state != "waiting":
@@ -253,13 +252,13 @@ class Worker:
             await self._set_state("waiting", run_id=None)
             await self._wait(self.opts.sweep_s)
             return
-        if run["id"] != self._joined_run:
+        if run.id != self._joined_run:
             await self._join(run)
-        if run["status"] != "running":
+        if run.status != "running":
             await self._set_state("paused")
             await self._wait(self.opts.sweep_s)
             return
-        unit = await self.db.fetchrow("claim_unit", run["id"], self.worker_id, self.opts.lease_s)
+        unit = await self.store.claim(run.id, self.worker_id, self.opts.lease_s)
         if unit is None:
             await self._set_state("idle")
             await self._wait(self.opts.sweep_s)
@@ -270,44 +269,39 @@ class Worker:
         await self._process(run, unit)
         self._unit = None
 
-    async def _join(self, run: Any) -> None:
+    async def _join(self, run: RunRow) -> None:
         assert self.dataset is not None
-        if run["dataset_fingerprint"] != self.dataset.fingerprint:
+        if run.dataset_fingerprint != self.dataset.fingerprint:
             raise UserError(
-                f"refusing to join run {run['id']}: its dataset has {run['dataset_size']} images "
-                f"(fingerprint {run['dataset_fingerprint']}), but --data {self.opts.data} has "
+                f"refusing to join run {run.id}: its dataset has {run.dataset_size} images "
+                f"(fingerprint {run.dataset_fingerprint}), but --data {self.opts.data} has "
                 f"{len(self.dataset)} (fingerprint {self.dataset.fingerprint}); use the same dataset as the coordinator"
             )
-        self._joined_run = run["id"]
-        self._cfg = TrainConfig.from_json(run["config"])
-        assert self.db is not None
-        await self.db.execute("insert_event", run["id"], "join", f"{self.status.name} joined on {self.device}")
-        log.info("joined run %s", run["id"])
+        self._joined_run = run.id
+        self._cfg = TrainConfig.from_json(run.config)
+        await self.store.event(run.id, "join", f"{self.status.name} joined on {self.device}")
+        log.info("joined run %s", run.id)
 
-    async def _process(self, run: Any, unit: Any) -> None:
-        assert self.db is not None and self.dataset is not None
+    async def _process(self, run: RunRow, unit: UnitRow) -> None:
+        assert self.worker_id is not None and self.dataset is not None
         started = time.perf_counter()
-        await self._set_state("computing", unit_id=unit["id"], unit_step=unit["step"], run_id=run["id"],
+        await self._set_state("computing", unit_id=unit.id, unit_step=unit.step, run_id=run.id,
                               unit_started=time.monotonic())
-        if not await self._ensure_weights(run["id"], unit["version"]):
+        if not await self._ensure_weights(run.id, unit.version):
             # The version is gone (pruned while we claimed): give the unit back and
             # wait for the next published version instead of spinning on it.
-            await self.db.execute("release_unit", unit["id"], self.worker_id)
+            await self.store.release(unit.id, self.worker_id)
             self.weights_published.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.weights_published.wait(), self.opts.sweep_s)
             return
-        blob, n, bad, metrics = await self._in_thread(self._compute, list(unit["indices"]), unit["noise_seed"])
+        blob, n, bad, metrics = await self._in_thread(self._compute, list(unit.indices), unit.noise_seed)
         if bad:
-            log.warning("unit %s: skipped %d unreadable image(s): %s", unit["id"], len(bad), bad[:5])
+            log.warning("unit %s: skipped %d unreadable image(s): %s", unit.id, len(bad), bad[:5])
         await self._set_state("uploading")
-        async with self.db.transaction() as tx:
-            done = await tx.fetchrow("mark_unit_done", unit["id"], self.worker_id)
-            if done is None:
-                log.warning("unit %s was taken back before we finished (lease expired); result dropped", unit["id"])
-                return
-            await tx.execute("insert_gradient", unit["id"], run["id"], self.worker_id, unit["version"], n, blob)
-            await tx.execute("credit_worker", self.worker_id, n)
+        if not await self.store.submit(unit, self.worker_id, n, blob):
+            log.warning("unit %s was taken back before we finished (lease expired); result dropped", unit.id)
+            return
         elapsed = time.perf_counter() - started
         rate = n / elapsed if elapsed > 0 else 0.0
         self.status.recent.append(metrics)
@@ -316,19 +310,18 @@ class Worker:
             images_done=self.status.images_done + n, images_per_s=rate,
             unit_started=None, last_unit_s=elapsed,
         )
-        ranked = await self.db.fetchrow("worker_rank", run["id"], self.worker_id)
+        ranked = await self.store.rank(run.id, self.worker_id)
         if ranked is not None:
-            self._publish_status(rank=int(ranked["rank"]), workers_total=int(ranked["total"]))
+            self._publish_status(rank=ranked[0], workers_total=ranked[1])
         log.info("unit %s (step %s, v%s): %d images in %.2fs (%.1f img/s) d_loss=%.3f g_loss=%.3f",
-                 unit["id"], unit["step"], unit["version"], n, elapsed, rate,
+                 unit.id, unit.step, unit.version, n, elapsed, rate,
                  metrics.get("d_loss", float("nan")), metrics.get("g_loss", float("nan")))
 
     async def _ensure_weights(self, run_id: int, version: int) -> bool:
         """Fetch and load a weights version unless the models hold it already."""
-        assert self.db is not None
         if self._held == (run_id, version):
             return True
-        blob = await self.db.fetchval("weights_payload", run_id, version)
+        blob = await self.store.weights(run_id, version)
         if blob is None:
             return False
         tensors, _meta = await self._in_thread(lambda: codec.decode_tensors(blob, expected=self.spec_state))

@@ -1,0 +1,79 @@
+"""Pushing a run to the Hugging Face Hub while it trains: one push at a time, on its own
+thread, backing off after failures; a failed push is logged and never stops training."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ganns_async.errors import UserError
+
+
+class HubPublisher:
+    def __init__(self, repo: str, *, private: bool, out: Path,
+                 event: Callable[[str], Awaitable[None]],
+                 outputs_written: Callable[[], Awaitable[None]]) -> None:
+        from ganns_async.hub import HubPusher
+
+        self.repo = repo
+        self.out = out
+        self._event = event
+        self._outputs_written = outputs_written
+        self._pusher = HubPusher(repo, private=private)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub")
+        self._task: asyncio.Task[None] | None = None
+        self._failures = 0
+        self._not_before = 0.0
+
+    def check_token(self) -> None:
+        """No token at all: say so now, not after an hour of training."""
+        try:
+            self._pusher.check_token()
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(str(exc)) from None
+
+    def maybe_push(self, info: dict[str, Any]) -> None:
+        """Start a push unless one is running or we are backing off after failures."""
+        if self._task is not None and not self._task.done():
+            return
+        if time.monotonic() < self._not_before:
+            return
+        self._task = asyncio.create_task(self._push(info), name=f"push-{info['step']}")
+
+    async def final_push(self, info: dict[str, Any]) -> None:
+        """The final state is worth one more try, whatever the backoff says."""
+        await self.wait()
+        self._not_before = 0.0
+        self.maybe_push(info)
+        await self.wait()
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _push(self, info: dict[str, Any]) -> None:
+        from ganns_async.hub import PushError, push_backoff
+
+        await self._outputs_written()  # the checkpoint for this step is written first
+        try:
+            url = await asyncio.get_running_loop().run_in_executor(self._executor, self._pusher.push, self.out, info)
+        except Exception as exc:  # noqa: BLE001 - a push must never stop training
+            self._failures += 1
+            delay = push_backoff(self._failures)
+            if isinstance(exc, PushError) and not exc.transient:
+                delay = max(delay, 600.0)
+            self._not_before = time.monotonic() + delay
+            await self._event(f"push of step {info['step']} to {self.repo} failed: {exc}; "
+                              f"next try in {delay:.0f}s or later")
+            return
+        self._failures = 0
+        await self._event(f"pushed step {info['step']} to {url}")
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)

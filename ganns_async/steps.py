@@ -1,0 +1,109 @@
+"""The coordinator's step bookkeeping: pure, synchronous, no database, no tensors.
+
+:class:`StepBook` decides what a stored gradient is worth (fold it, drop it as stale, or
+ignore it as already counted), when the open step may close (all units in, given-up units
+accounted for, or the deadline passed with ``min_units``), how long the loop may sleep, and
+which units of the schedule to queue next. The coordinator feeds it facts and clock
+readings; tests drive it in microseconds.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Admission(enum.Enum):
+    FOLD = "fold"  # counts toward its step
+    STALE = "stale"  # its step closed, it is not done, or its version is too old: drop it
+    DUPLICATE = "duplicate"  # already counted (re-read after a lost connection)
+
+
+@dataclass(frozen=True)
+class CloseDecision:
+    step: int
+    partial: bool  # closed without every unit: cancel what is still open
+    reason: str  # "complete", "given up" or "deadline"
+
+
+@dataclass
+class StepBook:
+    units_per_step: int
+    max_staleness: int
+    step_timeout: float
+    min_units: int
+    step: int  # the open step (= the newest published version)
+    opened_at: float  # clock reading when it opened
+    max_steps: int | None = None
+    _arrived: dict[int, set[int]] = field(default_factory=dict)  # step -> units folded
+    _given_up: dict[int, set[int]] = field(default_factory=dict)  # step -> units cancelled
+
+    def admit(self, *, unit_id: int, unit_step: int, version: int, unit_done: bool) -> Admission:
+        if unit_step < self.step or not unit_done or unit_step - version > self.max_staleness:
+            return Admission.STALE
+        if unit_id in self._arrived.get(unit_step, ()):
+            return Admission.DUPLICATE
+        return Admission.FOLD
+
+    def folded(self, unit_step: int, unit_id: int) -> None:
+        self._arrived.setdefault(unit_step, set()).add(unit_id)
+
+    def give_up(self, unit_step: int, unit_id: int) -> None:
+        """A unit rejected too often: its step goes on without it."""
+        self._given_up.setdefault(unit_step, set()).add(unit_id)
+
+    def arrived(self, step: int | None = None) -> int:
+        return len(self._arrived.get(self.step if step is None else step, ()))
+
+    def overdue(self, now: float) -> bool:
+        return now - self.opened_at >= self.step_timeout
+
+    def ready(self, now: float) -> CloseDecision | None:
+        """Whether the open step may close now, and how."""
+        arrived = self.arrived()
+        given_up = len(self._given_up.get(self.step, ()))
+        if arrived + given_up >= self.units_per_step:
+            return CloseDecision(self.step, partial=given_up > 0, reason="given up" if given_up else "complete")
+        if self.overdue(now) and arrived >= self.min_units:
+            return CloseDecision(self.step, partial=True, reason="deadline")
+        return None
+
+    def wake_at(self, now: float, sweep_at: float) -> float:
+        """When the loop must look again even if no notification comes."""
+        if self.overdue(now):
+            return sweep_at  # overdue but short of min_units: wait for gradients, don't spin
+        return min(sweep_at, self.opened_at + self.step_timeout)
+
+    def close(self, now: float) -> int:
+        """The open step was published as the next version; returns the step that closed."""
+        closed = self.step
+        self._arrived.pop(closed, None)
+        self._given_up.pop(closed, None)
+        self.step = closed + 1
+        self.opened_at = now
+        return closed
+
+    def finished(self) -> bool:
+        return self.max_steps is not None and self.step >= self.max_steps
+
+    def queue_end(self, step: int | None = None) -> int:
+        """Units ``[.., queue_end)`` of the schedule should exist while ``step`` (default:
+        the open one) is open: its own and those of the next ``max_staleness`` steps,
+        never past ``max_steps``."""
+        last = (self.step if step is None else step) + self.max_staleness
+        if self.max_steps is not None:
+            last = min(last, self.max_steps - 1)
+        return max(0, (last + 1) * self.units_per_step)
+
+    def capacity(self) -> int:
+        """How many units can be worked on at once: one per queued unit."""
+        return self.units_per_step * (self.max_staleness + 1)
+
+
+def idle_notice(online: int, capacity: int) -> str | None:
+    """The instructor's hint when more students are online than there are units to share."""
+    idle = online - capacity
+    if idle <= 0:
+        return None
+    return (f"{idle} of {online} workers idle: only {capacity} unit(s) can be computed at once; "
+            "raise --units-per-step (or --max-staleness) to give everyone work")

@@ -1,0 +1,293 @@
+"""Typed database access for the coordinator and the worker.
+
+The protocol's processes call methods here, never query names: each method is one
+step of the protocol (claim a unit, store a gradient, publish a version...), and its
+SQL lives in ``queries.sql`` under the same name. Rows come back as small frozen
+dataclasses, so the rest of the code never indexes an asyncpg record by string.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ganns_async.db import Database, Tx
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: int
+    status: str
+    config: str
+    dataset_fingerprint: str
+    dataset_size: int
+    step: int
+    next_seq: int
+    images_seen: int
+
+    @classmethod
+    def of(cls, row: Any) -> "RunRow":
+        return cls(int(row["id"]), row["status"], row["config"], row["dataset_fingerprint"],
+                   int(row["dataset_size"]), int(row["step"]), int(row["next_seq"]), int(row["images_seen"]))
+
+
+@dataclass(frozen=True)
+class UnitRow:
+    """A claimed work unit, as a worker sees it."""
+
+    id: int
+    run_id: int
+    seq: int
+    step: int
+    version: int
+    epoch: int
+    indices: tuple[int, ...]
+    noise_seed: int
+
+
+@dataclass(frozen=True)
+class GradientRow:
+    """A stored gradient's header (the blob is fetched separately, in parallel)."""
+
+    id: int
+    unit_id: int
+    worker_id: int | None
+    worker_name: str | None
+    version: int
+    n_samples: int
+    step: int
+    unit_state: str
+
+    @property
+    def who(self) -> str:
+        return self.worker_name or f"worker {self.worker_id}"
+
+
+@dataclass(frozen=True)
+class NewUnit:
+    seq: int
+    step: int
+    version: int
+    epoch: int
+    indices: Sequence[int]
+    noise_seed: int
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What closing a step writes besides the weights: the curve's next point."""
+
+    step: int
+    epoch: int
+    images: int
+    units: int
+    metrics: dict[str, float]
+
+
+def _units_json(units: Iterable[NewUnit]) -> str:
+    return json.dumps([{"seq": u.seq, "step": u.step, "version": u.version, "epoch": u.epoch,
+                        "indices": list(u.indices), "noise_seed": u.noise_seed} for u in units])
+
+
+class CoordinatorStore:
+    """Everything the coordinator reads and writes."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # runs
+    async def latest_run(self) -> RunRow | None:
+        row = await self.db.fetchrow("latest_run")
+        return RunRow.of(row) if row else None
+
+    async def get_run(self, run_id: int) -> RunRow | None:
+        row = await self.db.fetchrow("get_run", run_id)
+        return RunRow.of(row) if row else None
+
+    async def stop_active_run(self) -> int | None:
+        """Mark a still-active run stopped (a new run replaces it); returns its id."""
+        row = await self.db.fetchrow("active_run")
+        if row is None:
+            return None
+        await self.db.execute("set_run_status", row["id"], "stopped")
+        return int(row["id"])
+
+    async def create_run(self, config_json: str, fingerprint: str, size: int) -> RunRow:
+        row = await self.db.fetchrow("create_run", config_json, fingerprint, size)
+        assert row is not None
+        return RunRow.of(row)
+
+    async def set_status(self, run_id: int, status: str) -> None:
+        await self.db.execute("set_run_status", run_id, status)
+
+    async def pause(self, run_id: int) -> None:
+        await self.db.execute("pause_run", run_id)
+
+    # weights and optimizer state
+    async def write_weights(self, run_id: int, version: int, weights: bytes, optimizer: bytes | None) -> None:
+        """The heavy write of a version, in a transaction of its own; announced later."""
+        await self.db.execute("insert_weights", run_id, version, weights, optimizer)
+
+    async def save_state(self, run_id: int, version: int, optimizer: bytes) -> None:
+        await self.db.execute("save_state", run_id, version, optimizer)
+
+    async def latest_state(self, run_id: int, upto: int) -> tuple[int, bytes, bytes | None] | None:
+        """The newest version <= ``upto`` that has optimizer state saved (or version
+        ``upto`` itself without state, for runs that never saved any)."""
+        row = await self.db.fetchrow("latest_saved_state", run_id, upto)
+        if row is None:
+            return None
+        return int(row["version"]), row["payload"], row["optimizer"]
+
+    # units
+    async def insert_units(self, tx: Tx, run_id: int, units: Sequence[NewUnit]) -> None:
+        if units:
+            await tx.execute("insert_units", run_id, _units_json(units))
+
+    async def delete_weights_after(self, run_id: int, version: int) -> None:
+        await self.db.execute("delete_weights_after", run_id, version)
+
+    async def reopen(self, run_id: int, *, step: int, units: Sequence[NewUnit], next_seq: int, images_seen: int) -> None:
+        """(Re)start a run at version ``step``: queue its missing units and mark it running."""
+        async with self.db.transaction() as tx:
+            await self.insert_units(tx, run_id, units)
+            await tx.execute("set_run_position", run_id, step, next_seq, images_seen)
+            await tx.execute("set_run_status", run_id, "running")
+
+    async def requeue_lost_units(self, run_id: int, from_step: int) -> int:
+        return len(await self.db.fetch("requeue_lost_units", run_id, from_step))
+
+    async def rewind(self, run_id: int, step: int, images_seen: int, units: Sequence[NewUnit], next_seq: int) -> None:
+        """Go back to version ``step`` (the last one with optimizer state): later versions
+        and every unit from ``step`` on are dropped and planned again. Units are
+        deterministic, so the replayed steps compute what the lost ones did."""
+        async with self.db.transaction() as tx:
+            await tx.execute("delete_weights_after", run_id, step)
+            await tx.execute("delete_units_from", run_id, step)
+            await self.insert_units(tx, run_id, units)
+            await tx.execute("set_run_position", run_id, step, next_seq, images_seen)
+            await tx.execute("set_run_status", run_id, "running")
+
+    async def requeue_expired_leases(self, run_id: int) -> list[tuple[int, int, str | None]]:
+        rows = await self.db.fetch("requeue_expired_leases", run_id)
+        return [(int(r["id"]), int(r["step"]), r["worker_name"]) for r in rows]
+
+    async def cancel_open_units(self, run_id: int, step: int) -> None:
+        await self.db.execute("cancel_open_units", run_id, step)
+
+    # gradients
+    async def pending_gradients(self, run_id: int) -> list[GradientRow]:
+        rows = await self.db.fetch("pending_gradients", run_id)
+        return [GradientRow(int(r["id"]), int(r["unit_id"]), r["worker_id"], r["worker_name"], int(r["version"]),
+                            int(r["n_samples"]), int(r["step"]), r["unit_state"]) for r in rows]
+
+    async def gradient_payload(self, gradient_id: int) -> bytes | None:
+        return await self.db.fetchval("gradient_payload", gradient_id)
+
+    async def consume_gradient(self, g: GradientRow) -> None:
+        await self.db.execute("consume_gradient", g.id, g.unit_id)
+
+    async def drop_gradient(self, g: GradientRow) -> None:
+        await self.db.execute("drop_gradient", g.id, g.unit_id)
+
+    async def reject_gradient(self, run_id: int, g: GradientRow, reason: str, max_attempts: int) -> str | None:
+        """Returns the unit's new state: 'pending' (recompute) or 'cancelled' (given up)."""
+        return await self.db.fetchval("reject_gradient", g.id, g.unit_id, run_id, g.worker_id, reason, max_attempts)
+
+    # closing a step
+    async def publish_step(self, run_id: int, *, version: int, partial_step: int | None,
+                           units: Sequence[NewUnit], next_seq: int, images_seen: int,
+                           record: StepRecord | None) -> None:
+        """Announce ``version`` (already written) in one light transaction: cancel what a
+        partial step left open, retarget unstarted units, queue the next ones, move the run."""
+        async with self.db.transaction() as tx:
+            if partial_step is not None:
+                await tx.execute("cancel_open_units", run_id, partial_step)
+            await tx.execute("retarget_pending_units", run_id, version)
+            await self.insert_units(tx, run_id, units)
+            await tx.execute("set_run_position", run_id, version, next_seq, images_seen)
+            if record is not None:
+                m = record.metrics
+                await tx.execute("insert_metrics", run_id, record.step, record.epoch, record.images, record.units,
+                                 m.get("g_loss"), m.get("d_loss"), m.get("d_x"), m.get("d_g_z"), None)
+
+    async def prune(self, run_id: int, *, keep_versions_from: int, keep_state_version: int) -> None:
+        """Drop versions no live unit needs, optimizer state but the newest saved one, and
+        finished units; the space goes back to the table at the next vacuum."""
+        await self.db.execute("prune_weights", run_id, keep_versions_from, keep_state_version)
+        await self.db.execute("prune_optimizer_state", run_id, keep_state_version)
+        await self.db.execute("prune_units", run_id, keep_versions_from - 1)
+
+    async def vacuum_blobs(self) -> None:
+        """Make the space of deleted blobs reusable now (see sql/002_bounded.sql)."""
+        await self.db.execute("vacuum_blobs")
+
+    async def online_workers(self, run_id: int, within_s: float) -> int:
+        return int(await self.db.fetchval("online_workers", run_id, within_s))
+
+    # the curve and the log
+    async def record_swd(self, run_id: int, step: int, swd: float) -> None:
+        await self.db.execute("record_swd", run_id, step, swd)
+
+    async def run_metrics(self, run_id: int) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self.db.fetch("run_metrics", run_id)]
+
+    async def event(self, run_id: int | None, kind: str, message: str) -> None:
+        await self.db.execute("insert_event", run_id, kind, message)
+
+
+class WorkerStore:
+    """Everything a worker reads and writes."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def active_run(self) -> RunRow | None:
+        row = await self.db.fetchrow("active_run")
+        return RunRow.of(row) if row else None
+
+    async def register(self, name: str, hostname: str, device: str, cpu: str | None, gpu: str | None) -> int:
+        return int(await self.db.fetchval("register_worker", name, hostname, device, cpu, gpu))
+
+    async def heartbeat(self, worker_id: int, state: str, run_id: int | None) -> None:
+        await self.db.execute("worker_heartbeat", worker_id, state, run_id)
+
+    async def offline(self, worker_id: int) -> None:
+        await self.db.execute("worker_offline", worker_id)
+
+    async def claim(self, run_id: int, worker_id: int, lease_s: float) -> UnitRow | None:
+        r = await self.db.fetchrow("claim_unit", run_id, worker_id, lease_s)
+        if r is None:
+            return None
+        return UnitRow(int(r["id"]), int(r["run_id"]), int(r["seq"]), int(r["step"]), int(r["version"]),
+                       int(r["epoch"]), tuple(r["indices"]), int(r["noise_seed"]))
+
+    async def extend_lease(self, unit_id: int, worker_id: int, lease_s: float) -> bool:
+        return await self.db.fetchval("extend_lease", unit_id, worker_id, lease_s) is not None
+
+    async def weights(self, run_id: int, version: int) -> bytes | None:
+        return await self.db.fetchval("weights_payload", run_id, version)
+
+    async def submit(self, unit: UnitRow, worker_id: int, n_samples: int, blob: bytes) -> bool:
+        """Store the gradient and mark the unit done, atomically; False if the lease was lost."""
+        async with self.db.transaction() as tx:
+            if await tx.fetchrow("mark_unit_done", unit.id, worker_id) is None:
+                return False
+            await tx.execute("insert_gradient", unit.id, unit.run_id, worker_id, unit.version, n_samples, blob)
+            await tx.execute("credit_worker", worker_id, n_samples)
+        return True
+
+    async def release(self, unit_id: int, worker_id: int) -> None:
+        await self.db.execute("release_unit", unit_id, worker_id)
+
+    async def release_all(self, worker_id: int) -> list[int]:
+        return [int(r["id"]) for r in await self.db.fetch("release_my_units", worker_id)]
+
+    async def rank(self, run_id: int, worker_id: int) -> tuple[int, int] | None:
+        r = await self.db.fetchrow("worker_rank", run_id, worker_id)
+        return (int(r["rank"]), int(r["total"])) if r else None
+
+    async def event(self, run_id: int | None, kind: str, message: str) -> None:
+        await self.db.execute("insert_event", run_id, kind, message)
