@@ -8,7 +8,6 @@ times per second, plus a slow liveness refresh so "last seen" ages keep moving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -26,7 +25,14 @@ from ganns_async.db import (
     Listener,
 )
 from ganns_async.model import Discriminator, Generator
-from ganns_async.training import TrainConfig, generate, load_state_tensors, sample_noise, state_tensors
+from ganns_async.training import (
+    TrainConfig,
+    generate,
+    load_state_tensors,
+    sample_noise,
+    state_tensors,
+)
+from ganns_async.waiting import wait_event
 
 STALE_AFTER_S = 30.0  # three missed heartbeats
 HISTORY_STEPS = 60
@@ -191,8 +197,7 @@ class SnapshotFeeder:
                     self.latest = offline_snapshot(self.latest, self.title)
                 self.updated.set()
                 await asyncio.sleep(self.min_interval_s)  # coalesce bursts of notifications
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self.liveness_s)
+                await wait_event(self._changed, self.liveness_s)
         finally:
             await listener.close()
             await db.close()

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from ganns_async.errors import UserError
+from ganns_async.waiting import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +283,7 @@ class Listener:
 
     async def _run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._lost.wait(), self.ping_after)
-            except asyncio.TimeoutError:
+            if not await wait_event(self._lost, self.ping_after):
                 try:
                     assert self._conn is not None
                     await asyncio.wait_for(self._conn.fetchval(queries()["ping"]), 10)

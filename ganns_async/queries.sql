@@ -251,7 +251,10 @@ UPDATE work_units
               LIMIT 1
               FOR UPDATE SKIP LOCKED)
    AND state = 'pending'
-RETURNING id, run_id, seq, step, version, epoch, indices, noise_seed;
+RETURNING id, run_id, seq, step, version, epoch, indices, noise_seed,
+          -- which publication of the version: a rewound run publishes it again, maybe different
+          (SELECT w.created_at FROM weights AS w
+            WHERE w.run_id = work_units.run_id AND w.version = work_units.version) AS weights_at;
 
 -- name: mark_unit_done
 -- Only the lease holder may finish a unit; a lost lease returns no row.

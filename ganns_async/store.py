@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ganns_async.db import Database, Tx
@@ -45,6 +46,7 @@ class UnitRow:
     epoch: int
     indices: tuple[int, ...]
     noise_seed: int
+    weights_at: datetime | None = None  # when its version was published (None: not there)
 
 
 @dataclass(frozen=True)
@@ -218,10 +220,11 @@ class CoordinatorStore:
         finished units; the space goes back to the table at the next vacuum."""
         await self.db.execute("prune_weights", run_id, keep_versions_from, keep_state_version)
         await self.db.execute("prune_optimizer_state", run_id, keep_state_version)
-        await self.db.execute("prune_units", run_id, keep_versions_from - 1)
+        # Unit rows are small: keep two more steps of them, to show how recent steps ended.
+        await self.db.execute("prune_units", run_id, keep_versions_from - 2)
 
     async def vacuum_blobs(self) -> None:
-        """Make the space of deleted blobs reusable now (see sql/002_bounded.sql)."""
+        """Make the space of deleted blobs reusable for the next step's (see sql/002_bounded.sql)."""
         await self.db.execute("vacuum_blobs")
 
     async def online_workers(self, run_id: int, within_s: float) -> int:
@@ -262,7 +265,7 @@ class WorkerStore:
         if r is None:
             return None
         return UnitRow(int(r["id"]), int(r["run_id"]), int(r["seq"]), int(r["step"]), int(r["version"]),
-                       int(r["epoch"]), tuple(r["indices"]), int(r["noise_seed"]))
+                       int(r["epoch"]), tuple(r["indices"]), int(r["noise_seed"]), r["weights_at"])
 
     async def extend_lease(self, unit_id: int, worker_id: int, lease_s: float) -> bool:
         return await self.db.fetchval("extend_lease", unit_id, worker_id, lease_s) is not None

@@ -42,7 +42,13 @@ from ganns_async.hardware import cpu_info, gpu_info, pick_device
 from ganns_async.migrate import require_migrated
 from ganns_async.model import build_models
 from ganns_async.store import RunRow, UnitRow, WorkerStore
-from ganns_async.training import TrainConfig, load_state_tensors, run_unit, state_tensors
+from ganns_async.training import (
+    TrainConfig,
+    load_state_tensors,
+    run_unit,
+    state_tensors,
+)
+from ganns_async.waiting import wait_event
 
 log = logging.getLogger("ganns_async.worker")
 
@@ -102,7 +108,9 @@ class Worker:
         self.listener: Listener | None = None
         self.dataset: ImageDataset | None = None
         self._unit: UnitRow | None = None  # the claimed unit, while we hold its lease
-        self._held: tuple[int, int] | None = None  # (run_id, version) loaded into the models
+        # (run_id, version, published at) loaded into the models: a rewound run (--resume
+        # after --state-every) publishes a version again, and it must be fetched again.
+        self._held: tuple[int, int, Any] | None = None
         self._joined_run: int | None = None
         self._db_written = "idle"
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
@@ -144,8 +152,7 @@ class Worker:
 
     async def _wait(self, timeout: float) -> None:
         """Sleep until a notification, or the safety sweep interval, whichever is first."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), timeout)
+        await wait_event(self.wake, timeout)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -287,13 +294,12 @@ class Worker:
         started = time.perf_counter()
         await self._set_state("computing", unit_id=unit.id, unit_step=unit.step, run_id=run.id,
                               unit_started=time.monotonic())
-        if not await self._ensure_weights(run.id, unit.version):
+        if not await self._ensure_weights(unit):
             # The version is gone (pruned while we claimed): give the unit back and
             # wait for the next published version instead of spinning on it.
             await self.store.release(unit.id, self.worker_id)
             self.weights_published.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.weights_published.wait(), self.opts.sweep_s)
+            await wait_event(self.weights_published, self.opts.sweep_s)
             return
         blob, n, bad, metrics = await self._in_thread(self._compute, list(unit.indices), unit.noise_seed)
         if bad:
@@ -317,16 +323,17 @@ class Worker:
                  unit.id, unit.step, unit.version, n, elapsed, rate,
                  metrics.get("d_loss", float("nan")), metrics.get("g_loss", float("nan")))
 
-    async def _ensure_weights(self, run_id: int, version: int) -> bool:
-        """Fetch and load a weights version unless the models hold it already."""
-        if self._held == (run_id, version):
+    async def _ensure_weights(self, unit: UnitRow) -> bool:
+        """Fetch and load the unit's weights version unless the models hold it already."""
+        key = (unit.run_id, unit.version, unit.weights_at)
+        if unit.weights_at is not None and self._held == key:
             return True
-        blob = await self.store.weights(run_id, version)
+        blob = await self.store.weights(unit.run_id, unit.version)
         if blob is None:
             return False
         tensors, _meta = await self._in_thread(lambda: codec.decode_tensors(blob, expected=self.spec_state))
         await self._in_thread(load_state_tensors, self.g, self.d, tensors)
-        self._held = (run_id, version)
+        self._held = key
         return True
 
     def _compute(self, indices: list[int], noise_seed: int) -> tuple[bytes, int, list[int], dict[str, float]]:

@@ -148,7 +148,10 @@ def test_coordinator_and_two_workers_train_and_checkpoint_loads(migrated_url: st
     # Nothing piles up: gradients are consumed, old versions pruned.
     assert asyncio.run(_fetch(migrated_url, "SELECT id FROM gradients")) == []
     versions = asyncio.run(_fetch(migrated_url, "SELECT version FROM weights ORDER BY version"))
-    assert [r["version"] for r in versions] == [1, 2, 3]
+    # Staleness 1 keeps the newest two versions; the last (3) also holds the saved Adam state.
+    assert [r["version"] for r in versions] == [2, 3]
+    states = asyncio.run(_fetch(migrated_url, "SELECT version FROM weights WHERE optimizer IS NOT NULL"))
+    assert [r["version"] for r in states] == [3]
 
 
 def test_worker_killed_mid_unit_does_not_lose_the_run(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:

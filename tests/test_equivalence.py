@@ -20,7 +20,7 @@ def _distributed(url: str, data: Path, out: Path, workers: int, tmp: Path) -> di
     procs = [_spawn("worker", *common, "--name", f"eq{i}", "--threads", "1", log=tmp / f"eq{workers}_{i}.log")
              for i in range(workers)]
     try:
-        r = cli("coordinator", *common, "--no-tui", "--max-staleness", "0", "--seed", str(SEED),
+        r = cli("coordinator", *common, "--no-tui", "--max-staleness", "0", "--grad-dtype", "fp32", "--seed", str(SEED),
                 "--unit-size", str(UNIT), "--units-per-step", str(UNITS_PER_STEP), "--max-steps", str(STEPS),
                 "--checkpoint-every", str(STEPS), "--out", str(out), timeout=400)
         assert r.returncode == 0, r.stdout + r.stderr

@@ -258,7 +258,7 @@ def test_checksum_mismatch_is_refused(migrated_url: str) -> None:
     assert_one_line_error(r, "001_schema", "checksum")
     assert "deadbeef" in r.stderr
     assert schema(migrated_url) == before
-    assert _run(_migrations_rows(migrated_url)) == [("001_schema", "deadbeef")]
+    assert _run(_migrations_rows(migrated_url))[0] == ("001_schema", "deadbeef")
 
     r = cli("db", "status", "--db", migrated_url)
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("001_schema"))

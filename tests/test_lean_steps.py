@@ -1,0 +1,135 @@
+"""Lean steps and a bounded database, through the real CLI and a real PostgreSQL.
+
+* Adam state is saved every ``--state-every`` steps only; a coordinator killed between
+  saves resumes from the last one, replays the steps since, and still ends exactly where
+  ``train-local`` ends, with every image counted once.
+* Over a long run the database stays the same size (the coordinator vacuums the blob
+  tables after each prune), and a worker holds two connections, both named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import asyncpg
+import torch
+
+from ganns_async.local import LocalOptions, train_local
+from ganns_async.training import TrainConfig
+from test_end_to_end import _fetch, _spawn, _stop
+
+MB = 1024 * 1024
+
+
+async def _wait_for_step(url: str, target: int, timeout: float = 240) -> int:
+    """Block until the run has published version >= target (woken by ganns_weights)."""
+    conn = await asyncpg.connect(url)
+    moved = asyncio.Event()
+    await conn.add_listener("ganns_weights", lambda *_: moved.set())
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                moved.clear()
+                step = await conn.fetchval("SELECT max(step) FROM runs") or 0
+                if step >= target:
+                    return int(step)
+                await moved.wait()
+    finally:
+        await conn.close()
+
+
+def _weights(ckpt: dict) -> dict[str, torch.Tensor]:  # type: ignore[type-arg]
+    return {**{f"G.{k}": v for k, v in ckpt["generator_raw_state_dict"].items()},
+            **{f"D.{k}": v for k, v in ckpt["discriminator_state_dict"].items()},
+            **{f"EMA.{k}": v for k, v in ckpt["generator_state_dict"].items()}}
+
+
+def test_resume_between_state_saves_replays_to_the_exact_result(migrated_url: str, synth_zip: Path,
+                                                                tmp_path: Path) -> None:
+    seed, unit, steps, every = 5, 16, 9, 4
+    common = ["--db", migrated_url, "--data", str(synth_zip)]
+    run_args = ["--max-steps", str(steps), "--out", str(tmp_path / "out"), "--eval-every", "0",
+                "--checkpoint-every", "100"]
+    worker = _spawn("worker", *common, "--name", "steady", "--threads", "1", log=tmp_path / "w.log")
+    try:
+        coord = _spawn("coordinator", *common, *run_args, "--seed", str(seed), "--unit-size", str(unit),
+                       "--units-per-step", "2", "--max-staleness", "0", "--grad-dtype", "fp32",
+                       "--state-every", str(every), log=tmp_path / "coord1.log")
+        killed_at = asyncio.run(_wait_for_step(migrated_url, every + 1))
+        coord.send_signal(signal.SIGKILL)  # no chance to save state on the way out
+        coord.wait(10)
+        assert every < killed_at < 2 * every, "the kill must land between two state saves"
+        resumed = _spawn("coordinator", *common, *run_args, "--resume", log=tmp_path / "coord2.log")
+        assert resumed.wait(300) == 0, (tmp_path / "coord2.log").read_text()
+    finally:
+        _stop(worker)
+    log = (tmp_path / "coord2.log").read_text()
+    assert f"resumed at step {every}, the last saved state; replaying" in log, log
+    run = asyncio.run(_fetch(migrated_url, "SELECT step, status, images_seen FROM runs"))
+    assert [tuple(r) for r in run] == [(steps, "done", steps * 2 * unit)]  # each image counted once
+    metrics = asyncio.run(_fetch(migrated_url, "SELECT step, images FROM metrics ORDER BY step"))
+    assert [tuple(r) for r in metrics] == [(s, 2 * unit) for s in range(1, steps + 1)]
+
+    distributed = torch.load(tmp_path / "out" / "checkpoint_latest.pth", map_location="cpu")
+    assert float(next(iter(distributed["optimizer_g_state_dict"]["state"].values()))["step"]) == steps
+    threads = torch.get_num_threads()
+    try:
+        cfg = TrainConfig(seed=seed, unit_size=unit, units_per_step=2, max_staleness=0)
+        local = train_local(LocalOptions(data=str(synth_zip), max_steps=steps, out=tmp_path / "local",
+                                         config=cfg, checkpoint_every=steps, threads=1))
+    finally:
+        torch.set_num_threads(threads)
+    ref = _weights(torch.load(tmp_path / "local" / "checkpoint_latest.pth", map_location="cpu"))
+    got = _weights(distributed)
+    assert got.keys() == ref.keys()
+    worst = max(float((got[k].double() - ref[k].double()).abs().max()) for k in ref)
+    assert worst <= 1e-5, f"replayed run differs from train-local by {worst}"
+    assert local.images == steps * 2 * unit
+
+
+async def _sizes_and_connections(url: str, marks: list[int]) -> tuple[dict[int, int], list[tuple[str, int]]]:
+    """Database size as each step in ``marks`` is published; connections seen at the first."""
+    sizes: dict[int, int] = {}
+    conns: list[tuple[str, int]] = []
+    for mark in marks:
+        await _wait_for_step(url, mark)
+        c = await asyncpg.connect(url)
+        try:
+            sizes[mark] = int(await c.fetchval("SELECT pg_database_size(current_database())"))
+            if not conns:
+                rows = await c.fetch(
+                    "SELECT application_name, count(*) AS n FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "GROUP BY 1 ORDER BY 1")
+                conns = [(r["application_name"], int(r["n"])) for r in rows]
+        finally:
+            await c.close()
+    return sizes, conns
+
+
+def test_database_stays_flat_over_150_steps_and_a_worker_holds_two_connections(
+        migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    """The default configuration (2 units a step, bf16 gradients, staleness 1): about 35 MB
+    of blobs are written and deleted every step, 5 GB over the run without the vacuum."""
+    steps = 150
+    common = ["--db", migrated_url, "--data", str(synth_zip)]
+    coord = _spawn("coordinator", *common, "--max-steps", str(steps), "--unit-size", "4", "--eval-every", "0",
+                   "--checkpoint-every", "1000", "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
+    worker = _spawn("worker", *common, "--name", "long\x1b]0;haul", "--threads", "1", log=tmp_path / "w.log")
+    try:
+        sizes, conns = asyncio.run(_sizes_and_connections(migrated_url, [20, 50, 100, steps]))
+        assert coord.wait(120) == 0, (tmp_path / "coord.log").read_text()[-3000:]
+    finally:
+        _stop(worker)
+        _stop(coord)
+    print("database size by step (MB):", {k: round(v / MB) for k, v in sizes.items()}, "connections:", conns)
+    assert sizes[steps] <= 300 * MB
+    # Flat after warm-up: from step 50 to 150 it may wobble, not climb (35 MB of blobs a step).
+    assert sizes[steps] - sizes[50] <= 40 * MB, sizes
+    named = dict(conns)
+    # The worker's name is sanitized into application_name (escape bytes become '?').
+    assert named.get("ganns-async worker long?]0;haul") == 2, conns
+    assert named.get("ganns-async coordinator", 0) >= 2, conns  # pool + listener + run lock
+    assert all(name.startswith("ganns-async ") for name, _ in conns), conns
