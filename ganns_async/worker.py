@@ -305,6 +305,10 @@ class Worker:
         if bad:
             log.warning("unit %s: skipped %d unreadable image(s): %s", unit.id, len(bad), bad[:5])
         await self._set_state("uploading")
+        # The heartbeat stops extending the lease now: it queues behind the upload on our
+        # one query connection and would otherwise find the unit already done. (Ctrl-C
+        # still gives back every claim: _shutdown releases by worker, not by this field.)
+        self._unit = None
         if not await self.store.submit(unit, self.worker_id, n, blob):
             log.warning("unit %s was taken back before we finished (lease expired); result dropped", unit.id)
             return

@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,21 +56,35 @@ async def _step_times(url: str) -> list[float]:
         await conn.close()
 
 
-def distributed_rate(url: str, data: Path, out: Path, staleness: int, args: argparse.Namespace) -> float:
+_TIMINGS = re.compile(r"step (\d+) timings: adam\+encode ([\d.]+)s, weights write ([\d.]+)s, announce ([\d.]+)s")
+
+
+def distributed_rate(url: str, data: Path, out: Path, staleness: int, args: argparse.Namespace) -> tuple[float, str]:
     base = [sys.executable, "-m", "ganns_async"]
     env = {**os.environ, "GANNS_DB_URL": url, "GANNS_DATA": str(data), "GANNS_NO_TUI": "1",
            "GANNS_LOG_LEVEL": "WARNING"}
     worker = subprocess.Popen(base + ["worker", "--name", "bench", "--threads", str(args.threads)], env=env)
     try:
-        subprocess.run(base + ["coordinator", "--max-steps", str(args.steps), "--max-staleness", str(staleness),
-                               "--unit-size", str(args.unit_size), "--units-per-step", str(args.units_per_step),
-                               "--checkpoint-every", str(10**6), "--out", str(out)], env=env, check=True)
+        # DEBUG: the coordinator logs where each step's closing time goes.
+        coord = subprocess.run(base + ["--log-level", "DEBUG", "coordinator", "--max-steps", str(args.steps),
+                                       "--max-staleness", str(staleness), "--unit-size", str(args.unit_size),
+                                       "--units-per-step", str(args.units_per_step), "--eval-every", "0",
+                                       "--checkpoint-every", str(10**6), "--out", str(out)],
+                               env=env, check=True, capture_output=True, text=True)
     finally:
         worker.send_signal(2)
-        worker.wait(30)
+        worker.wait(60)
     times = asyncio.run(_step_times(url))
     per_step = args.unit_size * args.units_per_step
-    return per_step * (len(times) - 1) / (times[-1] - times[0])
+    rate = per_step * (len(times) - 1) / (times[-1] - times[0])
+    found = [tuple(float(x) for x in m.groups()[1:]) for m in _TIMINGS.finditer(coord.stderr + coord.stdout)]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    where = ""
+    if found:
+        med = [statistics.median(col) for col in zip(*found)]
+        where = (f"step {statistics.median(gaps):.2f}s: closing it takes adam+encode {med[0]:.3f}s, "
+                 f"weights write {med[1]:.3f}s, announce {med[2]:.3f}s (medians)")
+    return rate, where
 
 
 def main() -> None:
@@ -88,12 +104,17 @@ def main() -> None:
         rates: dict[str, float] = {"train-local": local_rate(data, tmp_path / "local", args)}
         with embedded_postgres() as url:
             asyncio.run(migrate(url))
+            wheres: dict[str, str] = {}
             for k in (0, 1):
-                rates[f"distributed, 1 worker, staleness {k}"] = distributed_rate(url, data, tmp_path / f"d{k}", k, args)
+                name = f"distributed, 1 worker, staleness {k}"
+                rates[name], wheres[name] = distributed_rate(url, data, tmp_path / f"d{k}", k, args)
     ref = rates["train-local"]
     print(f"{'mode':<38} {'img/s':>8} {'vs local':>9}")
     for name, rate in rates.items():
         print(f"{name:<38} {rate:>8.1f} {rate / ref:>8.2f}x")
+    for name, where in wheres.items():
+        if where:
+            print(f"{name}: {where}")
 
 
 if __name__ == "__main__":

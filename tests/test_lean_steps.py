@@ -57,6 +57,11 @@ def test_resume_between_state_saves_replays_to_the_exact_result(migrated_url: st
         coord = _spawn("coordinator", *common, *run_args, "--seed", str(seed), "--unit-size", str(unit),
                        "--units-per-step", "2", "--max-staleness", "0", "--grad-dtype", "fp32",
                        "--state-every", str(every), log=tmp_path / "coord1.log")
+        asyncio.run(_wait_for_step(migrated_url, 1))
+        # Two more students online than units to share (2 units a step, staleness 0).
+        asyncio.run(_fetch(migrated_url, "INSERT INTO workers (name, hostname, device, run_id) "
+                                         "SELECT n, 'lab', 'cpu', (SELECT max(id) FROM runs) "
+                                         "FROM unnest(ARRAY['idle-1', 'idle-2']) AS n RETURNING id"))
         killed_at = asyncio.run(_wait_for_step(migrated_url, every + 1))
         coord.send_signal(signal.SIGKILL)  # no chance to save state on the way out
         coord.wait(10)
@@ -69,6 +74,9 @@ def test_resume_between_state_saves_replays_to_the_exact_result(migrated_url: st
     assert f"resumed at step {every}, the last saved state; replaying" in log, log
     run = asyncio.run(_fetch(migrated_url, "SELECT step, status, images_seen FROM runs"))
     assert [tuple(r) for r in run] == [(steps, "done", steps * 2 * unit)]  # each image counted once
+    idle = asyncio.run(_fetch(migrated_url, "SELECT message FROM events WHERE kind = 'idle'"))
+    assert len(idle) >= 1 and idle[0]["message"].startswith("1 of 3 workers idle"), idle
+    assert "--units-per-step" in idle[0]["message"]
     metrics = asyncio.run(_fetch(migrated_url, "SELECT step, images FROM metrics ORDER BY step"))
     assert [tuple(r) for r in metrics] == [(s, 2 * unit) for s in range(1, steps + 1)]
 
