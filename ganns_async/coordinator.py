@@ -1,10 +1,12 @@
 """The coordinator: owns the model, publishes weights and work units, steps Adam.
 
-One asyncio loop. It wakes on ``ganns_gradients`` notifications, fetches and decodes the
-new gradients in parallel (zstd and torch release the GIL) and folds each into its step's
-running mean as it arrives. :class:`~ganns_async.steps.StepBook` says when a step may
-close; closing applies Adam on the train thread, writes the new weights, and announces
-them with the next units in one light transaction.
+One asyncio loop. It wakes on ``ganns_gradients`` notifications and lets
+:class:`~ganns_async.intake.GradientIntake` fetch, validate and fold the new gradients;
+:class:`~ganns_async.steps.StepBook` says when a step may close; closing applies Adam on
+the train thread, writes the new weights, and announces them with the next units in one
+light transaction. Evaluation, files and Hub pushes have classes of their own
+(``evaluation.py``, ``outputs.py``, ``hub_publisher.py``); this module keeps the
+lifecycle (start, resume, stop) and the loop.
 
 Lean steps: only the weights are written on a step's critical path. Adam state and G's
 moving average go to the database every ``state_every`` steps (and whenever the
@@ -23,7 +25,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,30 +44,24 @@ from ganns_async.db import (
     backoff_delays,
     hold_run_lock,
 )
-from ganns_async.errors import PayloadError, UserError
+from ganns_async.errors import UserError
 from ganns_async.evaluation import Evaluator
+from ganns_async.intake import PARALLEL_FETCHES, GradientIntake
 from ganns_async.migrate import require_migrated
 from ganns_async.outputs import CHECKPOINT_NAME, OutputWriter
-from ganns_async.steps import Admission, CloseDecision, StepBook, idle_notice
-from ganns_async.store import CoordinatorStore, GradientRow, NewUnit, StepRecord
+from ganns_async.steps import CloseDecision, StepBook, idle_notice
+from ganns_async.store import CoordinatorStore, NewUnit, StepRecord
 from ganns_async.training import (
     StepAccumulator,
     TrainConfig,
     Trainer,
-    UnitResult,
-    gradient_spec,
     plan_unit,
-    split_result,
 )
 from ganns_async.waiting import wait_event
 
 log = logging.getLogger("ganns_async.coordinator")
 
-MAX_UNIT_ATTEMPTS = 3  # a unit whose gradient was rejected this often is given up on
 APPLICATION_NAME = "ganns-async coordinator"
-# Gradients fetched and decoded at once: enough to overlap network, zstd and float64
-# summing; each in flight holds one blob and its decoded tensors (about 50 MB).
-PARALLEL_FETCHES = max(2, min(4, os.cpu_count() or 2))
 ONLINE_WITHIN_S = 60.0  # a worker seen this recently counts as online (heartbeats every 10 s)
 
 
@@ -115,15 +110,12 @@ class Coordinator:
         self.run_id: int | None = None
         # Adam, encoding, summing and file writing run here, in order.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
-        self._decoders = concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL_FETCHES, thread_name_prefix="decode")
-        self._fetch_slots = asyncio.Semaphore(PARALLEL_FETCHES)
         self.outputs = OutputWriter(opts.out, self._executor)
         self.evaluator: Evaluator | None = None
         self.publisher: Any = None  # HubPublisher when --hf-repo is given
         self._lock_conn: Any = None
         self._vacuum_task: asyncio.Task[None] | None = None
-        self.acc: dict[int, StepAccumulator] = {}
-        self._in_flight: set[int] = set()  # gradient ids being fetched or decoded
+        self.intake: GradientIntake | None = None
         self._control_changed = False
         self._contributors: set[int] = set()
         self._idle_said = False
@@ -174,6 +166,10 @@ class Coordinator:
                 await self._resume()
             else:
                 await self._start_new()
+            assert self.run_id is not None
+            self.intake = GradientIntake(self.store, self.book, run_id=self.run_id, trainer=self.trainer,
+                                         unit_size=self.cfg.unit_size, fold_thread=self._executor,
+                                         event=self._event)
             self.evaluator = Evaluator(self.dataset, n=opts.eval_n, seed=self.cfg.seed, train=self._executor,
                                        record=self._record_swd)
             if opts.eval_every and not opts.resume:
@@ -210,7 +206,8 @@ class Coordinator:
             self.evaluator.close()
         if self.publisher is not None:
             self.publisher.close()
-        self._decoders.shutdown(wait=False, cancel_futures=True)
+        if self.intake is not None:
+            self.intake.close()
         self._executor.shutdown(wait=True)
         self.dataset.close()
 
@@ -331,6 +328,7 @@ class Coordinator:
 
     async def _loop(self) -> bool:
         """Returns True when the run ended (max_steps reached or stopped by the operator)."""
+        assert self.intake is not None
         next_sweep = time.monotonic() + self.opts.sweep_s
         backoff = iter(backoff_delays())
         while True:
@@ -341,7 +339,7 @@ class Coordinator:
             try:
                 if await self._stopped_by_operator():
                     return True
-                await self._drain()
+                await self.intake.drain()
                 now = time.monotonic()
                 if now >= next_sweep:
                     await self._sweep()
@@ -388,72 +386,6 @@ class Coordinator:
             await self._event("requeue", f"unit {unit_id} (step {step}) lease expired on "
                                          f"{who or 'a departed worker'}; back to pending")
 
-    async def _drain(self) -> None:
-        """Fetch, decode and fold every stored gradient, several at once."""
-        assert self.run_id is not None
-        takes = []
-        for g in await self.store.pending_gradients(self.run_id):
-            if g.id in self._in_flight:
-                continue
-            verdict = self.book.admit(unit_id=g.unit_id, unit_step=g.step, version=g.version,
-                                      unit_done=g.unit_state == "done")
-            if verdict is Admission.STALE:
-                self.status.stale_dropped += 1
-                await self.store.drop_gradient(g)
-                await self._event("stale", f"dropped a gradient from {g.who} for closed step {g.step} "
-                                           f"(unit {g.unit_id})")
-            elif verdict is Admission.DUPLICATE:
-                await self.store.consume_gradient(g)  # folded before a lost connection; finish the job
-            else:
-                takes.append(self._take(g))
-        if takes:
-            await asyncio.gather(*takes)
-
-    async def _take(self, g: GradientRow) -> None:
-        self._in_flight.add(g.id)
-        try:
-            async with self._fetch_slots:
-                blob = await self.store.gradient_payload(g.id)
-                try:
-                    if blob is None:
-                        raise PayloadError("gradient row vanished")
-                    result = await asyncio.get_running_loop().run_in_executor(
-                        self._decoders, self._decode_gradient, blob, g.n_samples)
-                except PayloadError as exc:
-                    await self._reject(g, str(exc))
-                    return
-                del blob
-            acc = self.acc.get(g.step)
-            if acc is None:
-                acc = self.acc[g.step] = StepAccumulator(g.step)
-            # Summing 6M floats is work for the train thread, not the event loop.
-            await self._in_thread(acc.add, g.unit_id, result, g.worker_id)
-            self.book.folded(g.step, g.unit_id)
-            await self.store.consume_gradient(g)
-        finally:
-            self._in_flight.discard(g.id)
-
-    async def _reject(self, g: GradientRow, reason: str) -> None:
-        assert self.run_id is not None
-        self.status.rejected += 1
-        state = await self.store.reject_gradient(self.run_id, g, reason, MAX_UNIT_ATTEMPTS)
-        await self._event("rejected", f"gradient from {g.who} for unit {g.unit_id} rejected: {reason}")
-        if state == "cancelled":
-            self.book.give_up(g.step, g.unit_id)
-            await self._event("rejected", f"unit {g.unit_id} gave bad gradients {MAX_UNIT_ATTEMPTS} times; "
-                                          "step goes on without it")
-
-    def _decode_gradient(self, blob: bytes, n_samples: int) -> UnitResult:
-        tensors, meta = codec.decode_tensors(blob, expected=gradient_spec(self.trainer.g, self.trainer.d))
-        if meta.get("n_samples") != n_samples:
-            raise PayloadError(f"payload says {meta.get('n_samples')!r} samples, row says {n_samples}")
-        if n_samples > self.cfg.unit_size:
-            raise PayloadError(f"{n_samples} samples in a unit of {self.cfg.unit_size}")
-        metrics = meta.get("metrics") or {}
-        if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
-            raise PayloadError("metrics must be a map of numbers")
-        return split_result(tensors, self.trainer.g, self.trainer.d, n_samples, metrics)
-
     # --- closing a step --------------------------------------------------------------
 
     def _advance(self, acc: StepAccumulator, version: int, with_state: bool, images_seen: int) -> tuple[bytes, bytes | None]:
@@ -469,10 +401,10 @@ class Coordinator:
         return last or version % self.opts.state_every == 0
 
     async def _close_step(self, decision: CloseDecision) -> None:
-        assert self.run_id is not None
+        assert self.run_id is not None and self.intake is not None
         closed = decision.step
         version = closed + 1
-        acc = self.acc.get(closed) or StepAccumulator(closed)
+        acc = self.intake.peek(closed)
         images_after = self.images_seen + acc.n
         with_state = self._state_due(version)
         t0 = time.perf_counter()
@@ -501,7 +433,7 @@ class Coordinator:
         if with_state:
             self.state_version = version
         self.book.close(time.monotonic())
-        self.acc.pop(closed, None)
+        self.intake.take(closed)
         self._contributors.update(acc.workers)
         # A unit computed on a version older than version - K is stale whatever it feeds.
         await self.store.prune(self.run_id, keep_versions_from=max(0, version - self.cfg.max_staleness),
@@ -554,6 +486,9 @@ class Coordinator:
             await self._event("idle", notice)
 
     def _publish(self) -> None:
+        if self.intake is not None:
+            self.status.stale_dropped = self.intake.stale_dropped
+            self.status.rejected = self.intake.rejected
         self.status.run_id = self.run_id
         self.status.step = self.step
         self.status.images_seen = self.images_seen
