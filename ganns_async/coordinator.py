@@ -271,12 +271,13 @@ class Coordinator:
         version, payload, optimizer = saved
         meta = await self._in_thread(self._load_state, payload, optimizer)
         self.trainer_version = self.state_version = version
+        if version < run.step and (optimizer is None or "images_seen" not in meta):
+            raise UserError(f"cannot resume run {run.id}: no optimizer state saved at or before step {run.step}")
         await self.store.delete_weights_after(run.id, version)
         if version < run.step:
             # Adam state is saved every --state-every steps: go back to the last save and
-            # compute the steps since again (the units are the same, so is the result).
-            if optimizer is None or "images_seen" not in meta:
-                raise UserError(f"cannot resume run {run.id}: no optimizer state saved at or before step {run.step}")
+            # compute the steps since again (the same units; with --max-staleness 0 the
+            # same result, bit for bit).
             self.images_seen = int(meta["images_seen"])
             self.book = self._new_book(version)
             start = version * self.cfg.units_per_step
@@ -315,12 +316,22 @@ class Coordinator:
         meta["images_seen"] = images_seen  # what a rewind to this version restores
         return weights, codec.encode_tensors(opt_tensors, meta=meta)
 
+    def _state_of(self, version: int, images_seen: int) -> bytes | None:
+        """On the train thread, after any Adam step still queued there: the optimizer state
+        of ``version``, or None when the weights have already moved past it."""
+        if self.trainer_version != version:
+            return None
+        return self._encode(version, True, images_seen)[1]
+
     async def _save_state(self) -> None:
         """Adam state for the published version, if it is not saved yet (on stop)."""
-        if self.state_version == self.step or self.trainer_version != self.step:
+        if self.state_version == self.step:
             return
-        _, optimizer = await self._in_thread(self._encode, self.step, True, self.images_seen)
-        assert self.run_id is not None and optimizer is not None
+        # Checked on the train thread: a Ctrl-C can land while Adam is applying the next step.
+        optimizer = await self._in_thread(self._state_of, self.step, self.images_seen)
+        if optimizer is None:
+            return
+        assert self.run_id is not None
         await self.store.save_state(self.run_id, self.step, optimizer)
         self.state_version = self.step
 
@@ -412,9 +423,9 @@ class Coordinator:
         t1 = time.perf_counter()
         if self._vacuum_task is not None and not self._vacuum_task.done():
             # The space the last step freed becomes reusable when its vacuum ends; writing
-            # before that would grow the file instead (usually done already: 20-75 ms).
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._vacuum_task)
+            # before that would grow the file instead. Usually done already (20-75 ms); a
+            # vacuum waiting to trim the file's end can take seconds, and is not waited for.
+            await asyncio.wait({self._vacuum_task}, timeout=0.5)
         # The heavy write first, in its own transaction; the light one below announces it.
         await self.store.write_weights(self.run_id, version, weights, optimizer)
         del weights, optimizer

@@ -76,7 +76,12 @@ class GradientIntake:
             else:
                 takes.append(self._take(g))
         if takes:
-            await asyncio.gather(*takes)
+            # A TaskGroup, not gather: if one fails (a lost connection), the others stop
+            # too instead of folding on behind the loop's back; what they had not finished
+            # is found again by the next drain (each unit still counts once).
+            async with asyncio.TaskGroup() as group:
+                for take in takes:
+                    group.create_task(take)
 
     async def _take(self, g: GradientRow) -> None:
         self._in_flight.add(g.id)
@@ -92,11 +97,13 @@ class GradientIntake:
                     await self._reject(g, str(exc))
                     return
                 del blob
-            acc = self._acc.get(g.step)
-            if acc is None:
-                acc = self._acc[g.step] = StepAccumulator(g.step)
-            # Summing 6M floats is work for the train thread, not the event loop.
-            await loop.run_in_executor(self._fold_thread, acc.add, g.unit_id, result, g.worker_id)
+                acc = self._acc.get(g.step)
+                if acc is None:
+                    acc = self._acc[g.step] = StepAccumulator(g.step)
+                # Summing 6M floats is work for the train thread, not the event loop. Still
+                # inside the slot, so at most PARALLEL_FETCHES decoded gradients wait in memory.
+                await loop.run_in_executor(self._fold_thread, acc.add, g.unit_id, result, g.worker_id)
+                del result
             self.book.folded(g.step, g.unit_id)
             await self.store.consume_gradient(g)
         finally:
@@ -105,9 +112,10 @@ class GradientIntake:
     async def _reject(self, g: GradientRow, reason: str) -> None:
         self.rejected += 1
         state = await self.store.reject_gradient(self.run_id, g, reason, MAX_UNIT_ATTEMPTS)
+        if state == "cancelled":
+            self.book.give_up(g.step, g.unit_id)  # first: the step must not wait for it whatever happens next
         await self._event("rejected", f"gradient from {g.who} for unit {g.unit_id} rejected: {reason}")
         if state == "cancelled":
-            self.book.give_up(g.step, g.unit_id)
             await self._event("rejected", f"unit {g.unit_id} gave bad gradients {MAX_UNIT_ATTEMPTS} times; "
                                           "step goes on without it")
 

@@ -66,7 +66,7 @@ async def _applied(conn) -> dict[str, tuple[str | None, object]]:  # type: ignor
 
 
 async def status(url: str) -> list[MigrationStatus]:
-    conn = await connect(url)
+    conn = await connect(url, application_name="ganns-async db")
     try:
         applied = await _applied(conn)
     finally:
@@ -90,7 +90,7 @@ async def migrate(url: str) -> list[str]:
     """Apply pending migrations in order; return the names applied."""
     from ganns_async.db import queries
 
-    conn = await connect(url)
+    conn = await connect(url, application_name="ganns-async db")
     done: list[str] = []
     try:
         await conn.execute(queries()["lock_migrations"])

@@ -301,6 +301,11 @@ class Worker:
             self.weights_published.clear()
             await wait_event(self.weights_published, self.opts.sweep_s)
             return
+        if not await self.store.extend_lease(unit.id, self.worker_id, self.opts.lease_s):
+            # The heartbeat shares our one query connection, so it could not extend the
+            # lease during a slow weights download; someone else has the unit by now.
+            log.warning("lost the lease on unit %s while downloading weights; leaving it to others", unit.id)
+            return
         blob, n, bad, metrics = await self._in_thread(self._compute, list(unit.indices), unit.noise_seed)
         if bad:
             log.warning("unit %s: skipped %d unreadable image(s): %s", unit.id, len(bad), bad[:5])
