@@ -102,12 +102,14 @@ async def read_snapshot(
     eta = None
     if max_steps is not None and step_time is not None and run["status"] == "running":
         eta = max(0, max_steps - step) * step_time
-    position = step * cfg.units_per_step * cfg.unit_size
+    position = int(run["images_seen"])  # how far into the data the run is
     size = int(run["dataset_size"])
+    # Images a step (round) holds: with --units-per-step auto it follows the class size.
+    per_step = int(steps[-1]["images"]) if steps else max(1, cfg.units_per_step) * cfg.images_per_unit
     return ClusterSnapshot(
         title=title, run_id=rid, status=run["status"], step=step, max_steps=max_steps,
         epoch=position // size, epoch_fraction=(position % size) / size, images_per_s=rate,
-        effective_batch=cfg.units_per_step * cfg.unit_size, since_last_step_s=since_last, eta_s=eta,
+        effective_batch=per_step, since_last_step_s=since_last, eta_s=eta,
         db_ok=True, db_latency_ms=latency_ms, workers=tuple(workers),
         history=tuple(StepPoint(step=m["step"], g_loss=m["g_loss"], d_loss=m["d_loss"], d_x=m["d_x"],
                                 d_g_z=m["d_g_z"], swd=m["swd"]) for m in metrics),

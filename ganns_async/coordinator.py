@@ -49,7 +49,7 @@ from ganns_async.evaluation import Evaluator
 from ganns_async.intake import PARALLEL_FETCHES, GradientIntake
 from ganns_async.migrate import require_migrated
 from ganns_async.outputs import CHECKPOINT_NAME, OutputWriter
-from ganns_async.steps import CloseDecision, StepBook, idle_notice
+from ganns_async.steps import CloseDecision, Round, StepBook, idle_notice
 from ganns_async.store import CoordinatorStore, NewUnit, StepRecord
 from ganns_async.training import (
     StepAccumulator,
@@ -62,6 +62,7 @@ from ganns_async.waiting import wait_event
 log = logging.getLogger("ganns_async.coordinator")
 
 APPLICATION_NAME = "ganns-async coordinator"
+MASTER_PREFIX = "MASTER."  # fp32 weights inside the optimizer-state blob when workers get bf16
 ONLINE_WITHIN_S = 60.0  # a worker seen this recently counts as online (heartbeats every 10 s)
 
 
@@ -168,7 +169,7 @@ class Coordinator:
                 await self._start_new()
             assert self.run_id is not None
             self.intake = GradientIntake(self.store, self.book, run_id=self.run_id, trainer=self.trainer,
-                                         unit_size=self.cfg.unit_size, fold_thread=self._executor,
+                                         unit_size=self.cfg.images_per_unit, fold_thread=self._executor,
                                          event=self._event)
             self.evaluator = Evaluator(self.dataset, n=opts.eval_n, seed=self.cfg.seed, train=self._executor,
                                        record=self._record_swd)
@@ -211,20 +212,42 @@ class Coordinator:
         self._executor.shutdown(wait=True)
         self.dataset.close()
 
-    def _new_book(self, step: int) -> StepBook:
+    def _new_book(self, step: int, next_seq: int) -> StepBook:
         return StepBook(units_per_step=self.cfg.units_per_step, max_staleness=self.cfg.max_staleness,
                         step_timeout=self.opts.step_timeout, min_units=self.opts.min_units,
-                        step=step, opened_at=time.monotonic(), max_steps=self.opts.max_steps)
+                        step=step, opened_at=time.monotonic(), max_steps=self.opts.max_steps, next_seq=next_seq)
 
-    def _plan(self, start: int, end: int, version: int) -> list[NewUnit]:
+    def _plan(self, rounds: list[Round], version: int) -> list[NewUnit]:
         out = []
-        for seq in range(start, end):
-            p = plan_unit(self.cfg, len(self.dataset), seq)
-            out.append(NewUnit(p.seq, p.step, version, p.epoch, p.indices, p.noise_seed))
+        for r in rounds:
+            for seq in range(r.start, r.end):
+                p = plan_unit(self.cfg, len(self.dataset), seq, r.step)
+                out.append(NewUnit(p.seq, p.step, version, p.epoch, p.indices, p.noise_seed))
         return out
+
+    async def _rounds_to_queue(self, step: int) -> list[Round]:
+        """The rounds to plan now; with an auto width, one unit per worker online."""
+        online = 0
+        if self.cfg.auto_width:
+            online = await self.store.online_workers_any(ONLINE_WITHIN_S)
+        return self.book.rounds_to_queue(online, step)
+
+    def _describe(self) -> str:
+        cfg = self.cfg
+        width = "one unit per online worker" if cfg.auto_width else f"{cfg.units_per_step} units"
+        if not cfg.local:
+            return f"{width} x {cfg.unit_size} images per step (exact mode: averaged gradients, Adam)"
+        outer = "FedAvg" if cfg.outer_lr == 1.0 and cfg.outer_momentum == 0.0 else (
+            f"outer lr {cfg.outer_lr:g}, momentum {cfg.outer_momentum:g}")
+        return (f"{width} per round, each {cfg.local_steps} local steps x {cfg.unit_size} images "
+                f"({cfg.images_per_unit} images per unit; {outer})")
 
     async def _start_new(self) -> None:
         cfg = self.cfg = self.opts.config
+        try:
+            cfg.check()
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         old = await self.store.stop_active_run()
         if old is not None:
             log.info("run %s was still active: marked stopped (use --resume to continue a run)", old)
@@ -234,15 +257,14 @@ class Coordinator:
         self.trainer = Trainer(cfg)
         self.trainer_version = 0
         self.images_seen = 0
-        self.book = self._new_book(0)
-        weights, optimizer = await self._in_thread(self._encode, 0, True)
+        self.book = self._new_book(0, 0)
+        weights, optimizer = await self._in_thread(self._encode, 0, True, 0, 0)
         await self.store.write_weights(run.id, 0, weights, optimizer)
         self.state_version = 0
-        end = self.book.queue_end()
-        await self.store.reopen(run.id, step=0, units=self._plan(0, end, 0), next_seq=end, images_seen=0)
-        self.next_seq = end
-        await self._event("run", f"run {run.id} started: {len(self.dataset)} images, "
-                                 f"{cfg.units_per_step} units x {cfg.unit_size} images per step")
+        rounds = await self._rounds_to_queue(0)
+        await self.store.reopen(run.id, step=0, units=self._plan(rounds, 0), next_seq=rounds[-1].end, images_seen=0)
+        self.book.queued(rounds)
+        await self._event("run", f"run {run.id} started: {len(self.dataset)} images; {self._describe()}")
         self._publish()
 
     async def _resume(self) -> None:
@@ -279,56 +301,77 @@ class Coordinator:
             # compute the steps since again (the same units; with --max-staleness 0 the
             # same result, bit for bit).
             self.images_seen = int(meta["images_seen"])
-            self.book = self._new_book(version)
-            start = version * self.cfg.units_per_step
-            end = self.book.queue_end()
-            await self.store.rewind(run.id, version, self.images_seen, self._plan(start, end, version), end)
-            self.next_seq = end
+            if "round_start" in meta:
+                start = int(meta["round_start"])
+            elif not self.cfg.auto_width:
+                start = version * self.cfg.units_per_step  # saved before rounds were recorded
+            else:
+                raise UserError(f"cannot resume run {run.id}: its saved state does not say where step {version} "
+                                "starts in the unit schedule")
+            self.book = self._new_book(version, start)
+            rounds = await self._rounds_to_queue(version)
+            await self.store.rewind(run.id, version, self.images_seen, self._plan(rounds, version),
+                                     rounds[-1].end if rounds else start)
+            self.book.queued(rounds)
             await self._event("run", f"run {run.id} resumed at step {version}, the last saved state; "
                                      f"replaying {run.step - version} step(s) up to {run.step}")
         else:
             self.images_seen = run.images_seen
-            self.book = self._new_book(version)
-            self.next_seq = run.next_seq
+            self.book = self._new_book(version, run.next_seq)
+            self.book.queued(await self.store.queued_rounds(run.id, version))
             requeued = await self.store.requeue_lost_units(run.id, version)
-            end = max(self.next_seq, self.book.queue_end())
-            await self.store.reopen(run.id, step=version, units=self._plan(self.next_seq, end, version),
-                                    next_seq=end, images_seen=self.images_seen)
-            self.next_seq = end
+            rounds = await self._rounds_to_queue(version)
+            await self.store.reopen(run.id, step=version, units=self._plan(rounds, version),
+                                    next_seq=rounds[-1].end if rounds else self.book.next_seq,
+                                    images_seen=self.images_seen)
+            self.book.queued(rounds)
             await self._event("run", f"run {run.id} resumed at step {version} ({requeued} unit(s) queued again)")
         self._publish()
 
     def _load_state(self, payload: bytes, optimizer: bytes | None) -> dict[str, Any]:
-        tensors, _ = codec.decode_tensors(payload, expected=codec.tensor_spec(self.trainer.state()))
+        spec = codec.tensor_spec(self.trainer.state())
+        tensors, _ = codec.decode_tensors(payload, expected=spec)
         self.trainer.load_state(tensors)
         if optimizer is None:
             return {}
         opt_tensors, meta = codec.decode_tensors(optimizer)
+        master = {k[len(MASTER_PREFIX):]: v for k, v in opt_tensors.items() if k.startswith(MASTER_PREFIX)}
+        if master:
+            if codec.tensor_spec(master) != spec:
+                raise UserError("the saved master weights do not fit the model; the state blob is damaged")
+            self.trainer.load_state(master)  # the fp32 weights behind a bf16 broadcast
         self.trainer.load_optimizer_tensors(opt_tensors, meta)
         return dict(meta)
 
-    def _encode(self, version: int, with_state: bool, images_seen: int = 0) -> tuple[bytes, bytes | None]:
-        """Weights of ``version`` (every step) and, when due, Adam state and G's average."""
-        weights = codec.encode_tensors(self.trainer.state(), meta={"step": version})
+    def _encode(self, version: int, with_state: bool, images_seen: int = 0,
+                round_start: int = 0) -> tuple[bytes, bytes | None]:
+        """Weights of ``version`` (every step) and, when due, optimizer state and G's average."""
+        state = self.trainer.state()
+        weights = codec.encode_tensors(state, meta={"step": version}, float_dtype=self.cfg.broadcast_dtype)
         if not with_state:
             return weights, None
         opt_tensors, meta = self.trainer.optimizer_tensors()
+        if self.cfg.broadcast_dtype != "fp32":
+            # Workers get rounded weights; --resume needs the exact ones.
+            opt_tensors.update({MASTER_PREFIX + k: v for k, v in state.items()})
         meta["images_seen"] = images_seen  # what a rewind to this version restores
+        meta["round_start"] = round_start  # where its round starts in the unit schedule
         return weights, codec.encode_tensors(opt_tensors, meta=meta)
 
-    def _state_of(self, version: int, images_seen: int) -> bytes | None:
+    def _state_of(self, version: int, images_seen: int, round_start: int) -> bytes | None:
         """On the train thread, after any Adam step still queued there: the optimizer state
         of ``version``, or None when the weights have already moved past it."""
         if self.trainer_version != version:
             return None
-        return self._encode(version, True, images_seen)[1]
+        return self._encode(version, True, images_seen, round_start)[1]
 
     async def _save_state(self) -> None:
         """Adam state for the published version, if it is not saved yet (on stop)."""
         if self.state_version == self.step:
             return
         # Checked on the train thread: a Ctrl-C can land while Adam is applying the next step.
-        optimizer = await self._in_thread(self._state_of, self.step, self.images_seen)
+        optimizer = await self._in_thread(self._state_of, self.step, self.images_seen,
+                                          self.book.round_start(self.step))
         if optimizer is None:
             return
         assert self.run_id is not None
@@ -399,13 +442,13 @@ class Coordinator:
 
     # --- closing a step --------------------------------------------------------------
 
-    def _advance(self, acc: StepAccumulator, version: int, with_state: bool, images_seen: int) -> tuple[bytes, bytes | None]:
-        """On the train thread: one Adam step (once, even if publishing is retried), then encode."""
+    def _advance(self, acc: StepAccumulator, version: int, with_state: bool, images_seen: int,
+                 round_start: int) -> tuple[bytes, bytes | None]:
+        """On the train thread: one optimizer step (once, even if publishing is retried), then encode."""
         if self.trainer_version == version - 1:
-            if acc.n > 0:
-                self.trainer.apply(acc.mean_grads(), acc.mean_buffers())
+            self.trainer.update(acc)
             self.trainer_version = version
-        return self._encode(version, with_state, images_seen)
+        return self._encode(version, with_state, images_seen, round_start)
 
     def _state_due(self, version: int) -> bool:
         last = self.opts.max_steps is not None and version >= self.opts.max_steps
@@ -418,8 +461,10 @@ class Coordinator:
         acc = self.intake.peek(closed)
         images_after = self.images_seen + acc.n
         with_state = self._state_due(version)
+        rounds = await self._rounds_to_queue(version)
+        round_start = self.book.round_start(version, rounds)
         t0 = time.perf_counter()
-        weights, optimizer = await self._in_thread(self._advance, acc, version, with_state, images_after)
+        weights, optimizer = await self._in_thread(self._advance, acc, version, with_state, images_after, round_start)
         t1 = time.perf_counter()
         if self._vacuum_task is not None and not self._vacuum_task.done():
             # The space the last step freed becomes reusable when its vacuum ends; writing
@@ -431,15 +476,16 @@ class Coordinator:
         del weights, optimizer
         t2 = time.perf_counter()
         metrics = acc.metrics()
-        epoch = (version * self.cfg.units_per_step * self.cfg.unit_size - 1) // len(self.dataset)
-        end = max(self.next_seq, self.book.queue_end(version))
+        position = round_start * self.cfg.images_per_unit  # images of the schedule behind this version
+        epoch = max(0, position - 1) // len(self.dataset)
+        next_seq = rounds[-1].end if rounds else self.book.next_seq
         await self.store.publish_step(
             self.run_id, version=version, partial_step=closed if decision.partial else None,
-            units=self._plan(self.next_seq, end, version), next_seq=end, images_seen=images_after,
+            units=self._plan(rounds, version), next_seq=next_seq, images_seen=images_after,
             record=StepRecord(version, epoch, acc.n, len(acc.units), metrics))
         t3 = time.perf_counter()
         # Committed: only now does the in-memory state move on.
-        self.next_seq = end
+        self.book.queued(rounds)
         self.images_seen = images_after
         if with_state:
             self.state_version = version
@@ -455,7 +501,6 @@ class Coordinator:
         if decision.partial:
             why = "on its deadline" if decision.reason == "deadline" else "without its given-up unit(s)"
             await self._event("step", f"step {closed} closed {why} with {len(acc.units)} unit(s)")
-        position = version * self.cfg.units_per_step * self.cfg.unit_size
         log.info("step %d (epoch %d, %.0f%% through it): %d images from %d unit(s), %d worker(s); "
                  "d_loss=%.3f g_loss=%.3f D(x)=%.3f D(G(z))=%.3f",
                  version, position // len(self.dataset), 100 * (position % len(self.dataset)) / len(self.dataset),
@@ -488,8 +533,8 @@ class Coordinator:
 
     async def _check_idle(self) -> None:
         """Say once when more workers are online than there are units to share."""
-        if self._idle_said or self.run_id is None:
-            return
+        if self._idle_said or self.run_id is None or self.cfg.auto_width:
+            return  # with an auto width, everyone online gets a unit of the next round
         online = await self.store.online_workers(self.run_id, ONLINE_WITHIN_S)
         notice = idle_notice(online, self.book.capacity())
         if notice is not None:

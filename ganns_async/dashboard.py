@@ -98,7 +98,7 @@ class ClusterSnapshot:
     epoch: int
     epoch_fraction: float  # 0..1 progress through the current epoch
     images_per_s: float  # cluster rate over recent steps
-    effective_batch: int  # units_per_step * unit_size
+    effective_batch: int  # images per step: units x unit size (x local steps)
     since_last_step_s: float | None
     eta_s: float | None  # None when unknown/unbounded
     db_ok: bool
@@ -504,7 +504,7 @@ def _cluster_header(snap: ClusterSnapshot) -> Panel:
         Text.assemble("epoch ", (f"{snap.epoch}", "bold")),
         _Bar(epoch_fraction, "bright_blue"),
         f"{epoch_fraction * 100:.0f}%",
-        Text.assemble("batch ", (f"{snap.effective_batch:,}", "bold")),
+        Text.assemble("step ", (f"{snap.effective_batch:,}", "bold"), " img"),
         Text.assemble("last step ", (format_duration(snap.since_last_step_s), "bold"), " ago"),
     )
     return Panel(

@@ -21,8 +21,9 @@ class DemoOptions:
     db_url: str | None = None
     data: str | None = None
     workers: int = 2
-    max_steps: int = 250
-    unit_size: int = 32
+    max_steps: int = 16
+    unit_size: int = 16
+    local_steps: int = 32
     out: Path = Path("ganns-out")
     synthetic_count: int = 2048
     debug: bool = False
@@ -74,11 +75,14 @@ def _run_cluster(opts: DemoOptions, url: str, started: float) -> None:
     threads = max(1, (os.cpu_count() or 2) // max(1, opts.workers))
     base = [sys.executable, "-m", "ganns_async"] + (["--debug"] if opts.debug else [])
     env = {**os.environ, "GANNS_DB_URL": url, "GANNS_DATA": data, "GANNS_NO_TUI": "1"}
-    # About ten sample grids and SWD points over the run, whatever its length: evaluating
+    # About eight sample grids and SWD points over the run, whatever its length: evaluating
     # 512 images costs the coordinator seconds of CPU that the workers would rather have.
-    every = str(max(1, opts.max_steps // 10))
+    every = str(max(1, opts.max_steps // 8))
+    # One unit per worker each round, fixed: the workers start just after the coordinator,
+    # so "auto" could size the first round before they are online.
     coordinator_cmd = base + ["coordinator", "--max-steps", str(opts.max_steps), "--out", str(opts.out),
-                              "--unit-size", str(opts.unit_size), "--units-per-step", "2",
+                              "--unit-size", str(opts.unit_size), "--local-steps", str(opts.local_steps),
+                              "--units-per-step", str(opts.workers),
                               "--checkpoint-every", every, "--eval-every", every]
     # On a terminal the coordinator draws its dashboard, so the workers write to log files.
     dashboard = opts.tui and sys.stdout.isatty()
@@ -86,7 +90,9 @@ def _run_cluster(opts: DemoOptions, url: str, started: float) -> None:
     logs = opts.out / "logs"
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
-        _say(f"starting the coordinator and {opts.workers} worker(s); training {opts.max_steps} steps")
+        per_round = opts.workers * opts.unit_size * opts.local_steps
+        _say(f"starting the coordinator and {opts.workers} worker(s); training {opts.max_steps} rounds of "
+             f"{per_round} images ({opts.local_steps} local steps of {opts.unit_size} per worker)")
         if dashboard:
             logs.mkdir(parents=True, exist_ok=True)
             _say(f"worker logs: {logs.resolve()}")

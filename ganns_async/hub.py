@@ -358,10 +358,22 @@ def build_model_card(info: Mapping[str, Any]) -> str:
     ema_text = ("`generator_state_dict` is the moving average of the generator's weights, the one to "
                 "sample from; `generator_raw_state_dict` holds the weights the optimizer state belongs to. "
                 if float(cfg.get("g_ema") or 0.0) > 0 else "")
-    if isinstance(unit_size, int) and isinstance(units_per_step, int):
+    local_steps = cfg.get("local_steps", 1)
+    if not isinstance(local_steps, int) or isinstance(local_steps, bool) or local_steps < 1:
+        local_steps = 1
+    width = "one per worker" if units_per_step == 0 else _fmt_num(units_per_step)
+    if isinstance(unit_size, int) and isinstance(units_per_step, int) and units_per_step > 0 and local_steps == 1:
         batch = f"{unit_size * units_per_step:,} ({units_per_step} units x {unit_size} images)"
+    elif isinstance(unit_size, int) and local_steps > 1:
+        batch = f"{unit_size:,} per worker step"
     else:
         batch = "unknown"
+    if local_steps > 1:
+        mode = (f"local steps: each unit is {local_steps} alternating D/G Adam steps on a worker; rounds average "
+                f"the changes (outer lr {_fmt_num(cfg.get('outer_lr', 1.0))}, "
+                f"momentum {_fmt_num(cfg.get('outer_momentum', 0.0))})")
+    else:
+        mode = "exact: averaged gradients, one Adam step per step"
     sample_name = info.get("sample_name")
     has_metrics = bool(info.get("has_metrics"))
 
@@ -423,8 +435,9 @@ def build_model_card(info: Mapping[str, Any]) -> str:
         f"| Learning rate | {_fmt_num(cfg.get('lr'))} |",
         f"| Optimizer | Adam (β1={_fmt_num(cfg.get('beta1'))}, β2={_fmt_num(cfg.get('beta2'))}) |",
         "| Loss | BCEWithLogitsLoss |",
-        f"| Units per step | {_fmt_num(units_per_step)} |",
-        f"| Unit size | {_fmt_num(unit_size)} images |",
+        f"| Update rule | {mode} |",
+        f"| Units per step | {width} |",
+        f"| Unit size | {_fmt_num(unit_size)} images{' per local step' if local_steps > 1 else ''} |",
         f"| Max staleness | {_staleness(cfg.get('max_staleness'))} |",
         f"| Seed | {_fmt_num(cfg.get('seed'))} |",
         "",

@@ -116,6 +116,16 @@ VACUUM (SKIP_LOCKED) weights, gradients, work_units;
 -- name: online_workers
 SELECT count(*) FROM workers
  WHERE run_id = $1 AND state <> 'offline' AND last_seen > now() - make_interval(secs => $2);
+-- name: online_workers_any
+-- Workers online whatever run they last worked on: the next round's width when
+-- --units-per-step is auto (a waiting worker joins the active run when it sees it).
+SELECT count(*) FROM workers
+ WHERE state <> 'offline' AND last_seen > now() - make_interval(secs => $1);
+-- name: queued_rounds
+-- The rounds planned from step $2 on: where each starts in the schedule and how wide it is.
+SELECT step, min(seq) AS start, count(*) AS width FROM work_units
+ WHERE run_id = $1 AND step >= $2
+ GROUP BY step ORDER BY step;
 -- name: prune_units
 DELETE FROM work_units
  WHERE run_id = $1 AND step < $2 AND state IN ('used', 'cancelled');

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from ganns_async.db import Database, Tx
+from ganns_async.steps import Round
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,13 @@ class CoordinatorStore:
     async def vacuum_blobs(self) -> None:
         """Make the space of deleted blobs reusable for the next step's (see sql/002_bounded.sql)."""
         await self.db.execute("vacuum_blobs")
+
+    async def online_workers_any(self, within_s: float) -> int:
+        return int(await self.db.fetchval("online_workers_any", within_s))
+
+    async def queued_rounds(self, run_id: int, from_step: int) -> list[Round]:
+        return [Round(int(r["step"]), int(r["start"]), int(r["width"]))
+                for r in await self.db.fetch("queued_rounds", run_id, from_step)]
 
     async def online_workers(self, run_id: int, within_s: float) -> int:
         return int(await self.db.fetchval("online_workers", run_id, within_s))

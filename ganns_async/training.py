@@ -30,9 +30,11 @@ class TrainConfig:
     """Everything that defines a run's arithmetic; stored with the run as JSON."""
 
     seed: int = 0
-    unit_size: int = 64  # images per work unit
-    units_per_step: int = 2  # units aggregated into one optimizer step
-    max_staleness: int = 1  # a gradient computed on version >= step - K still counts
+    unit_size: int = 64  # images per inner step of a unit (the batch a worker trains on)
+    # Units per round (one published version); 0 = "auto": as many as workers are online
+    # when the round is planned, at least 1.
+    units_per_step: int = 2
+    max_staleness: int = 1  # a result computed on version >= step - K still counts
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
@@ -43,6 +45,53 @@ class TrainConfig:
     # Warmed up as ``min(g_ema, (1 + t) / (10 + t))`` after t updates, so a short run
     # averages over a short window and a long one over about 1 / (1 - g_ema) steps; 0 = off.
     g_ema: float = 0.999
+    # Local steps. 1: a unit is one gradient, the coordinator steps Adam (exact mode: a
+    # staleness-0 fp32 run equals train-local bit for bit). H > 1: a unit is H alternating
+    # D/G Adam steps of ``unit_size`` images from the unit's version, with a fresh inner
+    # Adam; the worker returns the parameter change and the coordinator applies the
+    # image-weighted mean with an outer SGD step (lr 1, momentum 0 is FedAvg; DiLoCo's
+    # Nesterov outer step is lr 0.7, momentum 0.9).
+    local_steps: int = 1
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.0
+
+    @property
+    def local(self) -> bool:
+        return self.local_steps > 1
+
+    @property
+    def broadcast_dtype(self) -> str:
+        """The published weights' wire format. Local mode sends them in ``grad_dtype`` too
+        (bf16 halves the download; a worker's change is measured from the weights it got,
+        and the coordinator keeps the fp32 master copy). Exact mode always sends fp32."""
+        return self.grad_dtype if self.local else "fp32"
+
+    @property
+    def images_per_unit(self) -> int:
+        return self.unit_size * self.local_steps
+
+    @property
+    def auto_width(self) -> bool:
+        return self.units_per_step == 0
+
+    def check(self) -> None:
+        """ValueError with a one-line reason for settings no run can use."""
+        if self.unit_size < 1:
+            raise ValueError(f"unit size must be at least 1, got {self.unit_size}")
+        if self.units_per_step < 0:
+            raise ValueError(f"units per step must be >= 1 or auto, got {self.units_per_step}")
+        if self.max_staleness < 0:
+            raise ValueError(f"max staleness must be >= 0, got {self.max_staleness}")
+        if not 1 <= self.local_steps <= 4096:
+            raise ValueError(f"local steps must be between 1 and 4096, got {self.local_steps}")
+        if not 0.0 < self.outer_lr <= 10.0:
+            raise ValueError(f"outer lr must be in (0, 10], got {self.outer_lr}")
+        if not 0.0 <= self.outer_momentum < 1.0:
+            raise ValueError(f"outer momentum must be in [0, 1), got {self.outer_momentum}")
+        if self.grad_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"wire dtype must be fp32 or bf16, not {self.grad_dtype!r}")
+        if not 0.0 <= self.g_ema < 1.0:
+            raise ValueError(f"g_ema must be in [0, 1), got {self.g_ema}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -77,15 +126,25 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return rng.permutation(n)
 
 
-def plan_unit(cfg: TrainConfig, dataset_size: int, seq: int) -> UnitPlan:
-    """Unit ``seq`` covers positions [seq*U, (seq+1)*U) of the endless epoch stream."""
-    start = seq * cfg.unit_size
+def plan_unit(cfg: TrainConfig, dataset_size: int, seq: int, step: int | None = None) -> UnitPlan:
+    """Unit ``seq`` covers positions [seq*N, (seq+1)*N) of the endless epoch stream, where
+    N = unit_size x local_steps (inner step i trains on the i-th slice of U images).
+
+    ``step`` is the round the unit feeds; with a fixed width it follows from ``seq``,
+    with ``units_per_step`` auto the coordinator says.
+    """
+    n = cfg.images_per_unit
+    start = seq * n
     indices: list[int] = []
-    for pos in range(start, start + cfg.unit_size):
+    for pos in range(start, start + n):
         epoch, offset = divmod(pos, dataset_size)
         indices.append(int(epoch_permutation(cfg.seed, epoch, dataset_size)[offset]))
     noise_seed = int(np.random.SeedSequence([cfg.seed, seq, 0x401E]).generate_state(1, np.uint64)[0] >> 1)
-    return UnitPlan(seq, seq // cfg.units_per_step, start // dataset_size, indices, noise_seed)
+    if step is None:
+        if cfg.auto_width:
+            raise ValueError("units per step is auto: the round of a unit must be given")
+        step = seq // cfg.units_per_step
+    return UnitPlan(seq, step, start // dataset_size, indices, noise_seed)
 
 
 def unit_noise(noise_seed: int, n: int) -> torch.Tensor:
@@ -237,12 +296,162 @@ def run_unit(
     return compute_unit(g, d, images, noise, micro_batch=micro_batch), bad
 
 
+# --- one local unit: H alternating D/G steps -------------------------------------------
+
+
+def run_local_unit(
+    g: Generator,
+    d: Discriminator,
+    dataset: Any,
+    indices: Sequence[int],
+    noise_seed: int,
+    cfg: TrainConfig,
+    *,
+    micro_batch: int | None = None,
+    load_threads: int = 0,
+) -> tuple[UnitResult, list[int]]:
+    """A local unit: ``len(indices) / unit_size`` textbook DCGAN steps on copies of ``g`` and
+    ``d`` (which stay as they are), each a D step on real and fake images and then a G step
+    through the updated D, with a fresh Adam (the run's lr and betas) per unit.
+
+    Returns the change of every parameter (``grads`` holds deltas here), the BatchNorm
+    running statistics the copies ended with, the images trained on and the mean losses.
+    Inner step i trains on ``indices[i*U:(i+1)*U]`` with the matching slice of the unit's
+    noise; unreadable images are left out of their step, which then has fewer images.
+    ``load_threads`` > 1 decodes the next batches while this one trains (GPU workers).
+    """
+    from ganns_async.data import load_batches
+
+    u = cfg.unit_size
+    noise = unit_noise(noise_seed, len(indices))
+    lg, ld = copy.deepcopy(g), copy.deepcopy(d)
+    _warm_up_batchnorm(lg)
+    _warm_up_batchnorm(ld)
+    betas = (cfg.beta1, cfg.beta2)
+    opt_g = torch.optim.Adam(lg.parameters(), lr=cfg.lr, betas=betas)
+    opt_d = torch.optim.Adam(ld.parameters(), lr=cfg.lr, betas=betas)
+    lg.train()
+    ld.train()
+    bad_all: list[int] = []
+    totals: dict[str, Any] = {"d_loss": 0.0, "g_loss": 0.0, "d_x": 0.0, "d_g_z": 0.0}
+    n_total = 0
+    batches = [list(indices[start : start + u]) for start in range(0, len(indices), u)]
+    loaded = load_batches(dataset, batches, load_threads)
+    try:
+        for i, (real, bad) in enumerate(loaded):
+            batch = batches[i]
+            z = noise[i * u : i * u + len(batch)]
+            if bad:
+                bad_all.extend(bad)
+                bad_set = set(bad)
+                z = z[[j for j, idx in enumerate(batch) if idx not in bad_set]]
+            m = int(real.shape[0])
+            if m == 0:
+                continue
+            for k, v in _inner_step(lg, ld, opt_g, opt_d, real, z, micro_batch).items():
+                totals[k] = totals[k] + v * m
+            n_total += m
+    finally:
+        loaded.close()  # type: ignore[attr-defined]
+    if n_total == 0:
+        return empty_result(g, d), bad_all
+    deltas: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for prefix, before, after in (("G.", g, lg), ("D.", d, ld)):
+            for (k, p0), p1 in zip(before.named_parameters(), after.parameters()):
+                deltas[prefix + k] = (p1 - p0).cpu()
+    buffers = {k: b.detach().to("cpu", copy=True) for k, b in _named_buffers(lg, ld).items()}
+    return UnitResult(deltas, buffers, n_total, {k: float(v) / n_total for k, v in totals.items()}), bad_all
+
+
+def _inner_step(g: Generator, d: Discriminator, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                images: torch.Tensor, noise: torch.Tensor, micro_batch: int | None) -> dict[str, Any]:
+    """One alternating step: D on real -> 1 and G(z) -> 0, then G on D(G(z)) -> 1 through
+    the D just updated (the PyTorch DCGAN tutorial's loop). ``micro_batch`` accumulates
+    the step's gradients over chunks for small devices. The losses come back as tensors
+    on the device: reading them once per unit keeps a GPU from waiting on the CPU."""
+    device = next(g.parameters()).device
+    n = int(images.shape[0])
+    chunk = n if not micro_batch or micro_batch <= 0 else micro_batch
+    out: dict[str, Any] = {"d_loss": 0.0, "g_loss": 0.0, "d_x": 0.0, "d_g_z": 0.0}
+    opt_d.zero_grad(set_to_none=True)
+    fakes: list[torch.Tensor] = []
+    for start in range(0, n, chunk):
+        real = images[start : start + chunk].to(device, non_blocking=True)
+        z = noise[start : start + chunk].to(device, non_blocking=True)
+        m = int(real.shape[0])
+        fake = g(z)
+        d_real = d(real)
+        d_fake = d(fake.detach())
+        loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.ones(m, device=device))
+                  + F.binary_cross_entropy_with_logits(d_fake, torch.zeros(m, device=device)))
+        (loss_d * (m / n)).backward()
+        fakes.append(fake)
+        out["d_loss"] = out["d_loss"] + loss_d.detach() * (m / n)
+        out["d_x"] = out["d_x"] + torch.sigmoid(d_real.detach()).mean() * (m / n)
+        out["d_g_z"] = out["d_g_z"] + torch.sigmoid(d_fake.detach()).mean() * (m / n)
+    opt_d.step()
+    opt_g.zero_grad(set_to_none=True)
+    g_params = list(g.parameters())
+    for fake in fakes:
+        m = int(fake.shape[0])
+        loss_g = F.binary_cross_entropy_with_logits(d(fake), torch.ones(m, device=device))
+        # Only G's gradient: D's parameters get none from G's loss.
+        for p, grad in zip(g_params, torch.autograd.grad(loss_g * (m / n), g_params)):
+            p.grad = grad if p.grad is None else p.grad.add_(grad)
+        out["g_loss"] = out["g_loss"] + loss_g.detach() * (m / n)
+    opt_g.step()
+    return out
+
+
+def _warm_up_batchnorm(net: torch.nn.Module) -> None:
+    """BatchNorm momentum ``max(0.1, 1 / (t + 1))`` for its t-th batch, as the coordinator
+    folds statistics in exact mode: the first estimates are plain averages instead of
+    dragging the initial 0 / 1 along. Counted in Python, so a GPU never has to sync."""
+    for module in net.modules():
+        if not isinstance(module, torch.nn.BatchNorm2d):
+            continue
+        base = module.momentum or 0.1
+        seen = [int(module.num_batches_tracked)]
+
+        def hook(mod: torch.nn.Module, _args: Any, base: float = base, seen: list[int] = seen) -> None:
+            if mod.training:
+                mod.momentum = max(base, 1.0 / (seen[0] + 1))
+                seen[0] += 1
+
+        module.register_forward_pre_hook(hook)
+
+
 def empty_result(g: Generator, d: Discriminator) -> UnitResult:
     """A unit whose images were all unreadable: contributes zero samples."""
     grads = {f"G.{k}": torch.zeros_like(p, device="cpu") for k, p in g.named_parameters()}
     grads.update({f"D.{k}": torch.zeros_like(p, device="cpu") for k, p in d.named_parameters()})
     buffers = {k: b.detach().to("cpu", copy=True) for k, b in _named_buffers(g, d).items()}
     return UnitResult(grads, buffers, 0, {})
+
+
+def through_wire(result: UnitResult, dtype: str) -> UnitResult:
+    """What the coordinator decodes from ``result`` sent as ``dtype`` (bf16 rounds floats)."""
+    if dtype == "fp32":
+        return result
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.bfloat16).to(torch.float32) if t.is_floating_point() else t
+
+    return UnitResult({k: rounded(v) for k, v in result.grads.items()},
+                      {k: rounded(v) for k, v in result.buffers.items()}, result.n_samples, dict(result.metrics))
+
+
+def broadcast_copies(g: Generator, d: Discriminator, dtype: str) -> tuple[Generator, Discriminator]:
+    """The models a worker loads from weights published as ``dtype``."""
+    if dtype == "fp32":
+        return g, d
+    gb, db = copy.deepcopy(g), copy.deepcopy(d)
+    with torch.no_grad():
+        for t in list(gb.state_dict().values()) + list(db.state_dict().values()):
+            if t.is_floating_point():
+                t.copy_(t.to(torch.bfloat16).to(t.dtype))
+    return gb, db
 
 
 def _named_buffers(g: Generator, d: Discriminator) -> dict[str, torch.Tensor]:
@@ -363,12 +572,28 @@ class Trainer:
             raise ValueError(f"g_ema must be in [0, 1), got {cfg.g_ema}")
         self.cfg = cfg
         self.g, self.d = build_models(cfg.seed)
-        betas = (cfg.beta1, cfg.beta2)
-        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.lr, betas=betas)
-        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.lr, betas=betas)
+        self.opt_g = self._optimizer(self.g)
+        self.opt_d = self._optimizer(self.d)
         self.g_ema: Generator | None = None
         self.ema_updates = 0
         self._reset_ema()
+
+    def _optimizer(self, net: torch.nn.Module) -> torch.optim.Optimizer:
+        """Adam on averaged gradients (exact mode), or the outer SGD step on averaged
+        parameter changes (local mode; Nesterov when there is momentum, as in DiLoCo)."""
+        cfg = self.cfg
+        if not cfg.local:
+            return torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        return torch.optim.SGD(net.parameters(), lr=cfg.outer_lr, momentum=cfg.outer_momentum,
+                               nesterov=cfg.outer_momentum > 0)
+
+    def to(self, device: str | torch.device) -> "Trainer":
+        """Move the models (and the average) to ``device``; the optimizers follow their parameters."""
+        self.g.to(device)
+        self.d.to(device)
+        if self.g_ema is not None:
+            self.g_ema.to(device)
+        return self
 
     @property
     def sampler(self) -> Generator:
@@ -391,6 +616,31 @@ class Trainer:
                 else:
                     avg.copy_(live)
         self.ema_updates = t + 1
+
+    def update(self, acc: "StepAccumulator") -> None:
+        """Close a step (a round) with what its units sent, in the run's mode."""
+        if acc.n <= 0:
+            return
+        if self.cfg.local:
+            self.apply_round(acc.mean_grads(), acc.mean_buffers())
+        else:
+            self.apply(acc.mean_grads(), acc.mean_buffers())
+
+    def apply_round(self, deltas: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]) -> None:
+        """The outer step of local mode: the mean parameter change is a negative
+        pseudo-gradient (FedAvg: lr 1, no momentum, lands on the mean of the workers'
+        weights); BatchNorm statistics become the mean of the workers' final ones."""
+        for prefix, net, opt in (("G.", self.g, self.opt_g), ("D.", self.d, self.opt_d)):
+            for k, p in net.named_parameters():
+                p.grad = deltas[prefix + k].to(p.device, p.dtype).neg()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for k, b in net.named_buffers():
+                    value = buffers.get(prefix + k)
+                    if value is not None:
+                        b.copy_(value.to(b.device, b.dtype))
+        self._update_ema()
 
     def apply(self, grads: Mapping[str, torch.Tensor], batch_stats: Mapping[str, torch.Tensor]) -> None:
         """One Adam step on G and D, then fold the step's BatchNorm batch statistics in."""
@@ -424,9 +674,12 @@ class Trainer:
                 st = opt.state.get(p)
                 if not st:
                     continue
-                tensors[f"{prefix}{k}.exp_avg"] = st["exp_avg"]
-                tensors[f"{prefix}{k}.exp_avg_sq"] = st["exp_avg_sq"]
-                steps[prefix + k] = float(st["step"])
+                # Adam: exp_avg, exp_avg_sq and step; the outer SGD: momentum_buffer (if any).
+                for key, value in st.items():
+                    if key == "step":
+                        steps[prefix + k] = float(value)
+                    elif isinstance(value, torch.Tensor) and value.shape == p.shape:
+                        tensors[f"{prefix}{k}.{key}"] = value
         return tensors, {"steps": steps, "ema_updates": self.ema_updates}
 
     def load_optimizer_tensors(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
@@ -435,15 +688,17 @@ class Trainer:
         if self.g_ema is not None and ema:
             self.g_ema.load_state_dict(ema, strict=True)
             self.ema_updates = int(meta.get("ema_updates", 0))
+        keys = ("momentum_buffer",) if self.cfg.local else ("exp_avg", "exp_avg_sq")
         for prefix, net, opt in (("G.", self.g, self.opt_g), ("D.", self.d, self.opt_d)):
             for k, p in net.named_parameters():
-                if prefix + k not in steps:
-                    continue
-                opt.state[p] = {
-                    "step": torch.tensor(float(steps[prefix + k])),
-                    "exp_avg": tensors[f"{prefix}{k}.exp_avg"].to(p.device).clone(),
-                    "exp_avg_sq": tensors[f"{prefix}{k}.exp_avg_sq"].to(p.device).clone(),
-                }
+                state = {key: tensors[f"{prefix}{k}.{key}"].to(p.device).clone()
+                         for key in keys if f"{prefix}{k}.{key}" in tensors}
+                if prefix + k in steps:
+                    state["step"] = torch.tensor(float(steps[prefix + k]))
+                if not self.cfg.local and "step" in state and len(state) != 3:
+                    raise ValueError(f"saved Adam state for {prefix}{k} is incomplete")
+                if state:
+                    opt.state[p] = state
 
     def checkpoint(self, *, step: int, epoch: int, images_seen: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """A plain dict of tensors and numbers: loads with ``torch.load(weights_only=True)``.

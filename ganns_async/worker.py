@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import getpass
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -45,6 +46,7 @@ from ganns_async.store import RunRow, UnitRow, WorkerStore
 from ganns_async.training import (
     TrainConfig,
     load_state_tensors,
+    run_local_unit,
     run_unit,
     state_tensors,
 )
@@ -277,7 +279,7 @@ class Worker:
         self._unit = None
 
     async def _join(self, run: RunRow) -> None:
-        assert self.dataset is not None
+        assert self.dataset is not None and self.worker_id is not None
         if run.dataset_fingerprint != self.dataset.fingerprint:
             raise UserError(
                 f"refusing to join run {run.id}: its dataset has {run.dataset_size} images "
@@ -286,6 +288,8 @@ class Worker:
             )
         self._joined_run = run.id
         self._cfg = TrainConfig.from_json(run.config)
+        # Counted as the run's worker at once (dashboards, the next round's width).
+        await self.store.heartbeat(self.worker_id, self._db_state(), run.id)
         await self.store.event(run.id, "join", f"{self.status.name} joined on {self.device}")
         log.info("joined run %s", run.id)
 
@@ -306,7 +310,9 @@ class Worker:
             # lease during a slow weights download; someone else has the unit by now.
             log.warning("lost the lease on unit %s while downloading weights; leaving it to others", unit.id)
             return
+        t_weights = time.perf_counter()
         blob, n, bad, metrics = await self._in_thread(self._compute, list(unit.indices), unit.noise_seed)
+        t_computed = time.perf_counter()
         if bad:
             log.warning("unit %s: skipped %d unreadable image(s): %s", unit.id, len(bad), bad[:5])
         await self._set_state("uploading")
@@ -328,8 +334,10 @@ class Worker:
         ranked = await self.store.rank(run.id, self.worker_id)
         if ranked is not None:
             self._publish_status(rank=ranked[0], workers_total=ranked[1])
-        log.info("unit %s (step %s, v%s): %d images in %.2fs (%.1f img/s) d_loss=%.3f g_loss=%.3f",
-                 unit.id, unit.step, unit.version, n, elapsed, rate,
+        log.info("unit %s (step %s, v%s): %d images in %.2fs (%.1f img/s; weights %.2fs, compute %.2fs, "
+                 "upload %.2fs) d_loss=%.3f g_loss=%.3f",
+                 unit.id, unit.step, unit.version, n, elapsed, rate, t_weights - started, t_computed - t_weights,
+                 time.perf_counter() - t_computed,
                  metrics.get("d_loss", float("nan")), metrics.get("g_loss", float("nan")))
 
     async def _ensure_weights(self, unit: UnitRow) -> bool:
@@ -346,9 +354,17 @@ class Worker:
         return True
 
     def _compute(self, indices: list[int], noise_seed: int) -> tuple[bytes, int, list[int], dict[str, float]]:
-        """Runs on the compute thread: load images, forward/backward, encode."""
+        """Runs on the compute thread: load images, forward/backward (H local steps on a copy
+        of the models in local mode), encode."""
         assert self.dataset is not None
-        result, bad = run_unit(self.g, self.d, self.dataset, indices, noise_seed, micro_batch=self.opts.batch_size)
+        if self._cfg.local:
+            # A GPU trains faster than one core decodes images: decode ahead on a few threads.
+            load_threads = 0 if self.device.type == "cpu" else min(4, os.cpu_count() or 1)
+            result, bad = run_local_unit(self.g, self.d, self.dataset, indices, noise_seed, self._cfg,
+                                         micro_batch=self.opts.batch_size, load_threads=load_threads)
+        else:
+            result, bad = run_unit(self.g, self.d, self.dataset, indices, noise_seed,
+                                   micro_batch=self.opts.batch_size)
         blob = codec.encode_tensors(
             result.tensors(), meta={"n_samples": result.n_samples, "metrics": result.metrics,
                                     "skipped": len(bad)},

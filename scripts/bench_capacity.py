@@ -1,28 +1,36 @@
 """How many workers can one coordinator and one PostgreSQL serve? Simulated workers, real protocol.
 
-For each worker count (``--workers 8,32,64``) this runs the REAL coordinator
-(``python -m ganns_async coordinator`` as a subprocess) against a fresh database of one
+For each worker count (``--workers 8,32,64``) and each number of local steps H
+(``--local-steps 1,32``) this runs the REAL coordinator (``python -m ganns_async coordinator
+--local-steps H`` as a subprocess, H always passed explicitly) against a fresh database of one
 embedded PostgreSQL, with simulated workers that do no compute: they replay one real
-gradient blob (computed once here with ``run_unit`` and encoded exactly as
-``ganns_async/worker.py`` does) through the real protocol, ``WorkerStore`` over
+unit's blob (computed once per H here and encoded exactly as ``ganns_async/worker.py``'s
+``_compute`` does: for H = 1, exact mode, a gradient from ``run_unit``; for H > 1, local
+mode, the parameter change of H inner steps of ``--unit-size`` images from
+``run_local_unit``) through the real protocol, ``WorkerStore`` over
 ``Database.open(max_size=1)`` plus one ``Listener`` each, so each costs the two connections
 a real worker costs. A simulated worker does what a real one does per unit: wake on a
 notification, ``active_run``, ``claim``, state heartbeat (computing), download the
 unit's weights only when their version changed (without decoding them), sleep
-``--compute-s`` (0: infinitely fast), state heartbeat (uploading), ``submit``, ``rank``;
+``--compute-s`` (0: infinitely fast), state heartbeat (uploading), ``submit`` (with
+``n_samples`` = H x ``--unit-size``, as the blob's meta says), ``rank``;
 plus the 10 s heartbeat that extends its lease, and a 30 s safety sweep if no
 notification comes. They run as asyncio tasks in ``--sim-procs`` subprocesses.
 
-Figures per worker count:
+Figures per worker count and H:
 
 * steps/s, units/s and images/s: steady state, from the ``metrics`` table's timestamps
   (one row per step, stamped by PostgreSQL), skipping the first 2 steps: the units and
   images of steps 3..N over the time between the end of step 2 and the end of step N.
+  A unit trains H x ``--unit-size`` images (the coordinator's ``images`` per step sums the
+  units' ``n_samples``). With several H, the end says, per worker count, how many times
+  the images/s of H = 1 (measured in the same run) each H reaches.
 * bytes through PostgreSQL per trained image (KB = 1000 bytes), over the whole run
-  divided by every image trained: worker uploads (gradient blobs stored) and downloads
-  (weights blobs fetched), the coordinator's writes (one weights blob per version 0..N,
-  plus the Adam-state blob at version 0, every ``--state-every`` steps and at the end;
-  sizes read from the ``weights`` table) and its reads (every stored gradient blob it did
+  divided by every image trained (H x ``--unit-size`` per unit): worker uploads (gradient
+  or change blobs stored) and downloads (weights blobs fetched), the coordinator's writes
+  (one weights blob per version 0..N, plus the optimizer-state blob at version 0, every
+  ``--state-every`` steps and at the end; sizes read from the ``weights`` table, so the
+  bf16 weights local mode publishes count as bf16) and its reads (every stored blob it did
   not drop as stale). Small rows (units, claims, heartbeats, metrics) are not counted.
   ``WAL`` is ``pg_stat_wal.wal_bytes`` written during the run (cluster-wide; only this
   run is active) per trained image.
@@ -40,7 +48,8 @@ Figures per worker count:
   and other PostgreSQL processes (autovacuum, WAL writer, checkpointer...); the sim's
   mean event-loop lag (if it grows, the simulator itself is short of CPU); mean latency
   of claim, weights download and submit as the workers saw them; empty claims per unit
-  (wake-ups that found nothing to do) and stale gradients dropped.
+  (wake-ups that found nothing to do) and stale gradients dropped (payloads the coordinator
+  rejected, which should never happen, are noted after the row).
 
 Everything runs on this machine: the coordinator, PostgreSQL and the simulator share its
 cores, unlike a classroom where workers compute elsewhere. The embedded server's
@@ -49,13 +58,19 @@ cores, unlike a classroom where workers compute elsewhere. The embedded server's
 
 Usage (from the repository root, in the venv):
 
-    python scripts/bench_capacity.py [--workers 8,32,64] [--units-per-step 8] [--grad-dtype bf16]
-                                     [--steps 30] [--compute-s 0] [--unit-size 64] [--sim-procs 1]
-                                     [--size-every 50]
+    python scripts/bench_capacity.py [--workers 8,32,64] [--local-steps 1,32] [--units-per-step 8]
+                                     [--grad-dtype bf16] [--steps 30] [--compute-s 0] [--unit-size 64]
+                                     [--sim-procs 1] [--size-every 50]
 
-The coordinator's own defaults are ``--units-per-step 2 --grad-dtype bf16`` (with this script's
-``--max-staleness 1 --state-every 25``, also its defaults); this script's ``--units-per-step``
-defaults to 8, so pass ``--units-per-step 2`` to measure the coordinator as it runs by default.
+``--local-steps`` (comma-separated, default 1) is the coordinator's ``--local-steps H`` for each
+configuration: 1 is the exact synchronous mode (one gradient per unit, Adam on the coordinator,
+fp32 weights published); H > 1 is local mode (a unit is H inner steps of ``--unit-size`` images,
+the worker sends the parameter change, weights are published in ``--grad-dtype``).
+
+The coordinator's own defaults are ``--local-steps 8 --units-per-step auto --max-staleness 0
+--grad-dtype bf16 --state-every 25``; this script always passes ``--local-steps``, a fixed
+``--units-per-step`` (8 by default) and ``--max-staleness 1`` (its default; pass
+``--max-staleness 0`` to match the coordinator's).
 """
 
 from __future__ import annotations
@@ -142,11 +157,11 @@ class SimStats:
 class SimWorker:
     """A worker without compute: the protocol of ganns_async/worker.py, step for step."""
 
-    def __init__(self, index: int, url: str, blob: bytes, unit_size: int, compute_s: float, stats: SimStats) -> None:
+    def __init__(self, index: int, url: str, blob: bytes, n_samples: int, compute_s: float, stats: SimStats) -> None:
         self.index = index
         self.url = url
         self.blob = blob
-        self.unit_size = unit_size
+        self.n_samples = n_samples  # H x unit size: what the blob's meta says
         self.compute_s = compute_s
         self.stats = stats
         self.name = f"sim-{index}"
@@ -259,7 +274,7 @@ class SimWorker:
             await asyncio.sleep(self.compute_s)
         await self._set_state("uploading")
         t0 = time.perf_counter()
-        ok = await self.store.submit(unit, self.worker_id, self.unit_size, self.blob)
+        ok = await self.store.submit(unit, self.worker_id, self.n_samples, self.blob)
         st.t_submit += time.perf_counter() - t0
         self.unit = None
         if not ok:
@@ -304,7 +319,8 @@ async def sim_main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    workers = [SimWorker(i, args.sim_db, blob, args.unit_size, args.compute_s, stats)
+    n_samples = int(args.local_steps) * args.unit_size
+    workers = [SimWorker(i, args.sim_db, blob, n_samples, args.compute_s, stats)
                for i in range(args.sim_first, args.sim_first + args.sim_count)]
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -340,20 +356,28 @@ def with_database(url: str, dbname: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
 
 
-def make_blobs(data: Path, unit_size: int) -> dict[str, bytes]:
-    """One real unit's gradients, encoded as ganns_async/worker.py's _compute does."""
+def make_blobs(data: Path, unit_size: int, local_steps: int = 1) -> dict[str, bytes]:
+    """One real unit's result, encoded as ganns_async/worker.py's _compute does: with
+    ``local_steps`` 1 a gradient (``run_unit``), with H > 1 the parameter change of H inner
+    steps of ``unit_size`` images (``run_local_unit``, on unit 0 of a run's schedule)."""
     from ganns_async import codec
     from ganns_async.data import ImageDataset
     from ganns_async.model import build_models
-    from ganns_async.training import run_unit
+    from ganns_async.training import TrainConfig, plan_unit, run_local_unit, run_unit
 
     g, d = build_models(0)
     ds = ImageDataset.open(data)
     try:
-        result, bad = run_unit(g, d, ds, list(range(unit_size)), 12345)
+        if local_steps == 1:
+            result, bad = run_unit(g, d, ds, list(range(unit_size)), 12345)
+        else:
+            cfg = TrainConfig(unit_size=unit_size, local_steps=local_steps, units_per_step=1)
+            plan = plan_unit(cfg, len(ds), 0)
+            result, bad = run_local_unit(g, d, ds, plan.indices, plan.noise_seed, cfg)
     finally:
         ds.close()
-    assert not bad and result.n_samples == unit_size, (bad, result.n_samples)
+    n = local_steps * unit_size
+    assert not bad and result.n_samples == n, (bad, result.n_samples, n)
     return {dtype: codec.encode_tensors(result.tensors(), meta={"n_samples": result.n_samples,
                                                                 "metrics": result.metrics, "skipped": 0},
                                         float_dtype=dtype)
@@ -484,6 +508,7 @@ class Sampler:
 @dataclass
 class Row:
     workers: int
+    h: int = 1  # --local-steps: a unit trains h x unit_size images
     ok: bool = True
     note: str = ""
     steps: int = 0
@@ -509,6 +534,7 @@ class Row:
     empty_per_unit: float = float("nan")
     sweeps: int = 0
     stale: int = 0
+    rejected: int = 0  # 'rejected' events: payloads the coordinator refused (should be 0)
     lost: int = 0
     released: int = 0
     leftovers: str = ""
@@ -622,13 +648,13 @@ def _tail(path: Path, n: int = 15) -> str:
         return ""
 
 
-async def run_config(server_url: str, n_workers: int, args: argparse.Namespace, data: Path, blob_path: Path,
-                     blob_len: int, tmp: Path) -> Row:
-    row = Row(n_workers)
-    dbname = f"bench_capacity_{n_workers}_{uuid.uuid4().hex[:8]}"
+async def run_config(server_url: str, n_workers: int, h: int, args: argparse.Namespace, data: Path,
+                     blob_path: Path, blob_len: int, tmp: Path) -> Row:
+    row = Row(n_workers, h)
+    dbname = f"bench_capacity_{n_workers}_h{h}_{uuid.uuid4().hex[:8]}"
     await _create_db(server_url, dbname)
     url = with_database(server_url, dbname)
-    logs = tmp / f"logs-{n_workers}"
+    logs = tmp / f"logs-{n_workers}-h{h}"
     logs.mkdir()
     sims: list[asyncio.subprocess.Process] = []
     coord: asyncio.subprocess.Process | None = None
@@ -648,7 +674,7 @@ async def run_config(server_url: str, n_workers: int, args: argparse.Namespace, 
             p = await asyncio.create_subprocess_exec(
                 sys.executable, str(Path(__file__).resolve()), "--sim", "--sim-db", url, "--sim-blob", str(blob_path),
                 "--sim-first", str(first), "--sim-count", str(count), "--sim-stats", str(logs / f"sim{i}.json"),
-                "--unit-size", str(args.unit_size), "--compute-s", str(args.compute_s),
+                "--unit-size", str(args.unit_size), "--local-steps", str(h), "--compute-s", str(args.compute_s),
                 stdout=asyncio.subprocess.PIPE, stderr=open(logs / f"sim{i}.log", "wb"), cwd=REPO)
             sims.append(p)
             first += count
@@ -670,9 +696,9 @@ async def run_config(server_url: str, n_workers: int, args: argparse.Namespace, 
             env.pop(k, None)
         cmd = [sys.executable, "-m", "ganns_async", "coordinator", "--db", url, "--data", str(data),
                "--max-steps", str(args.steps), "--units-per-step", str(args.units_per_step),
-               "--unit-size", str(args.unit_size), "--grad-dtype", args.grad_dtype,
+               "--unit-size", str(args.unit_size), "--local-steps", str(h), "--grad-dtype", args.grad_dtype,
                "--max-staleness", str(args.max_staleness), "--state-every", str(args.state_every),
-               "--eval-every", "0", "--checkpoint-every", "1000000", "--no-tui", "--out", str(tmp / f"out-{n_workers}")]
+               "--eval-every", "0", "--checkpoint-every", "1000000", "--no-tui", "--out", str(tmp / f"out-{n_workers}-h{h}")]
         coord_log = logs / "coordinator.log"
         coord = await asyncio.create_subprocess_exec(*cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
                                                      stdout=open(coord_log, "wb"), stderr=subprocess.STDOUT)
@@ -688,7 +714,7 @@ async def run_config(server_url: str, n_workers: int, args: argparse.Namespace, 
         if rc != 0 and row.ok:
             row.ok = False
             row.note = f"coordinator exited {rc}"
-            print(f"[{n_workers} workers] coordinator failed:\n{_tail(coord_log)}", file=sys.stderr)
+            print(f"[{n_workers} workers, H={h}] coordinator failed:\n{_tail(coord_log)}", file=sys.stderr)
         sampler_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await sampler_task
@@ -712,6 +738,8 @@ async def run_config(server_url: str, n_workers: int, args: argparse.Namespace, 
                                      "WHERE run_id = $1", run_id)
             row.stale = int(await conn.fetchval("SELECT count(*) FROM events WHERE run_id = $1 AND kind = 'stale'",
                                                 run_id))
+            row.rejected = int(await conn.fetchval("SELECT count(*) FROM events WHERE run_id = $1 AND kind = 'rejected'",
+                                                   run_id))
             claimed = int(await conn.fetchval("SELECT count(*) FROM work_units WHERE state = 'claimed'"))
             online = int(await conn.fetchval("SELECT count(*) FROM workers WHERE state <> 'offline'"))
             others = int(await conn.fetchval("SELECT count(*) FROM pg_stat_activity "
@@ -782,11 +810,13 @@ async def run_config(server_url: str, n_workers: int, args: argparse.Namespace, 
         row.sweeps = sum(s["sweeps"] for s in sim)
         row.lost = sum(s["lost"] for s in sim)
         row.released = sum(s["released"] for s in sim)
+        if row.rejected:
+            row.note = (row.note + "; " if row.note else "") + f"{row.rejected} payload(s) rejected"
         errors = [e for s in sim for e in s["errors"]]
         if errors:
             row.note = (row.note + "; " if row.note else "") + f"{len(errors)} sim error(s), e.g. {errors[0]}"
         if args.coord_log_level.upper() == "DEBUG":
-            _print_coord_timings(n_workers, coord_log)
+            _print_coord_timings(f"{n_workers} workers, H={h}", coord_log)
         return row
     finally:
         if sampler_task is not None:
@@ -804,7 +834,7 @@ async def run_config(server_url: str, n_workers: int, args: argparse.Namespace, 
                 await _drop_db(server_url, dbname)
 
 
-def _print_coord_timings(n_workers: int, log_path: Path) -> None:
+def _print_coord_timings(label: str, log_path: Path) -> None:
     """With --coord-log-level DEBUG: the coordinator's own step timings (median)."""
     import re
     import statistics
@@ -814,29 +844,29 @@ def _print_coord_timings(n_workers: int, log_path: Path) -> None:
     steady = [m for m in found if int(m.group(1)) > SKIP_STEPS]
     if steady:
         med = [statistics.median(float(m.group(k)) for m in steady) for k in (2, 3, 4)]
-        print(f"  [{n_workers} workers] coordinator close-step medians: adam+encode {med[0]:.3f}s, "
+        print(f"  [{label}] coordinator close-step medians: adam+encode {med[0]:.3f}s, "
               f"weights write {med[1]:.3f}s, announce {med[2]:.3f}s", flush=True)
 
 
 def _print_sizes(row: Row) -> None:
     """With --size-every: the size at each multiple of N steps, its peak, the largest tables."""
-    n = row.workers
+    n = f"{row.workers} workers, H={row.h}"
     if row.sizes:
         steps = "/".join(str(s) for s, _ in row.sizes)
-        print(f"  [{n} workers] database size (MB) at step {steps}: "
+        print(f"  [{n}] database size (MB) at step {steps}: "
               + " ".join(f"{b / MB:.0f}" for _, b in row.sizes), flush=True)
         top = max(row.sizes, key=lambda x: x[1])
         peak = max(top[1], row.db_peak)
-        print(f"  [{n} workers] peak {peak / MB:.0f} MB (at those steps: {top[1] / MB:.0f} MB at step {top[0]}; "
+        print(f"  [{n}] peak {peak / MB:.0f} MB (at those steps: {top[1] / MB:.0f} MB at step {top[0]}; "
               f"sampled every --sample-s: {row.db_peak / MB:.0f} MB); at the end {row.db_end / MB:.0f} MB"
               + (f"; {row.size_missed} multiple(s) not announced" if row.size_missed > 0 else ""), flush=True)
     else:
-        print(f"  [{n} workers] database size: no multiple of --size-every reached", flush=True)
+        print(f"  [{n}] database size: no multiple of --size-every reached", flush=True)
     if row.peak_tables:
-        print(f"  [{n} workers] largest tables at the sampled peak (MB, with indexes and TOAST): "
+        print(f"  [{n}] largest tables at the sampled peak (MB, with indexes and TOAST): "
               + ", ".join(f"{name} {b / MB:.1f}" for name, b in row.peak_tables), flush=True)
     if row.tables:
-        print(f"  [{n} workers] largest tables at the end (MB, with indexes and TOAST): "
+        print(f"  [{n}] largest tables at the end (MB, with indexes and TOAST): "
               + ", ".join(f"{name} {b / MB:.1f}" for name, b in row.tables), flush=True)
 
 
@@ -845,7 +875,7 @@ def _f(x: float, spec: str) -> str:
 
 
 def print_tables(rows: list[Row], args: argparse.Namespace) -> None:
-    h1 = (f"{'workers':>7} {'steps/s':>7} {'units/s':>7} {'img/s':>7} | {'KB per trained image:':<21}"
+    h1 = (f"{'workers':>7} {'H':>3} {'steps/s':>7} {'units/s':>7} {'img/s':>7} | {'KB per trained image:':<21}"
           f"{'up':>6} {'down':>6} {'c-wr':>6} {'c-rd':>6} {'total':>7} {'WAL':>6} | "
           f"{'conns (coord+wrk)':>17} | {'DB MB end/peak':>14}")
     print(h1)
@@ -853,14 +883,14 @@ def print_tables(rows: list[Row], args: argparse.Namespace) -> None:
     for r in rows:
         total = r.up + r.down + r.cw + r.cr
         conns = f"{r.conns} ({r.conns_coord}+{r.conns_workers})"
-        print(f"{r.workers:>7} {_f(r.steps_s, '.3f'):>7} {_f(r.units_s, '.2f'):>7} {_f(r.img_s, '.1f'):>7} | "
+        print(f"{r.workers:>7} {r.h:>3} {_f(r.steps_s, '.3f'):>7} {_f(r.units_s, '.2f'):>7} {_f(r.img_s, '.1f'):>7} | "
               f"{'':<21}{r.up / KB:>6.0f} {r.down / KB:>6.0f} {r.cw / KB:>6.0f} {r.cr / KB:>6.0f} {total / KB:>7.0f} "
               f"{r.wal / KB:>6.0f} | {conns:>17} | {r.db_end / MB:>6.0f}/{r.db_peak / MB:<7.0f}"
               + (f"  ! {r.note}" if r.note else ""))
     print()
     print("where the time goes (steady window; CPU in cores of this machine's "
           f"{os.cpu_count()}; latencies as the simulated workers saw them):")
-    h2 = (f"{'workers':>7} | {'coord':>5} {'sim':>5} {'pg:c':>5} {'pg:w':>5} {'pg:o':>5} {'sum':>5} | "
+    h2 = (f"{'workers':>7} {'H':>3} | {'coord':>5} {'sim':>5} {'pg:c':>5} {'pg:w':>5} {'pg:o':>5} {'sum':>5} | "
           f"{'loop lag':>8} {'claim':>7} {'weights':>8} {'submit':>7} | {'empty/unit':>10} {'sweeps':>6} "
           f"{'stale':>5} {'lost':>4} | leftovers")
     print(h2)
@@ -870,38 +900,52 @@ def print_tables(rows: list[Row], args: argparse.Namespace) -> None:
         parts = [c.get("coordinator", float("nan")), c.get("sim", float("nan")), c.get("pg:coord", float("nan")),
                  c.get("pg:workers", float("nan")), c.get("pg:other", float("nan"))]
         s = sum(x for x in parts if x == x) if c else float("nan")
-        print(f"{r.workers:>7} | " + " ".join(f"{_f(x, '.2f'):>5}" for x in parts) + f" {_f(s, '.2f'):>5} | "
+        print(f"{r.workers:>7} {r.h:>3} | " + " ".join(f"{_f(x, '.2f'):>5}" for x in parts) + f" {_f(s, '.2f'):>5} | "
               f"{_f(r.lag_ms, '.1f'):>6}ms {_f(r.claim_ms, '.1f'):>5}ms {_f(r.weights_ms, '.0f'):>6}ms "
               f"{_f(r.submit_ms, '.0f'):>5}ms | {_f(r.empty_per_unit, '.2f'):>10} {r.sweeps:>6} {r.stale:>5} "
               f"{r.lost:>4} | {r.leftovers} ({r.released} released at exit)")
     print()
-    print("KB = 1000 bytes. up: gradients stored by workers; down: weights fetched by workers; c-wr: weights "
-          "(+ Adam state) written by the coordinator; c-rd: gradients it read; total = up+down+c-wr+c-rd; "
+    print("KB = 1000 bytes. H: --local-steps (a unit trains H x --unit-size images). up: gradients (H = 1) or "
+          "changes (H > 1) stored by workers; down: weights fetched by workers; c-wr: weights "
+          "(+ optimizer state) written by the coordinator; c-rd: gradients/changes it read; total = up+down+c-wr+c-rd; "
           "WAL: WAL written (not in total). coord/sim: the coordinator's and the simulators' processes; "
           "pg:c/pg:w/pg:o: PostgreSQL backends of the coordinator, of the workers, and the rest.")
     if args.units_per_step == 8 and args.grad_dtype == "bf16" and args.compute_s == 0:
         for r in rows:
-            if r.workers == 8:
+            if r.workers == 8 and r.h == 1:
                 print(f"target (8 infinitely fast workers, --units-per-step 8, bf16): >= {4 * 2.4:.1f} units/s "
                       f"(4x today's 2.4); measured {_f(r.units_s, '.2f')} units/s = "
                       f"{_f(r.units_s / 2.4, '.2f')}x 2.4")
+    if 1 in args.local_steps and len(args.local_steps) > 1:
+        print()
+        for n in args.workers:
+            base = next((r for r in rows if r.workers == n and r.h == 1), None)
+            for r in rows:
+                if r.workers != n or r.h == 1:
+                    continue
+                ratio = r.img_s / base.img_s if base is not None and base.img_s > 0 else float("nan")
+                print(f"{n} workers: H={r.h} is {_f(ratio, '.1f')}x the images/s of H=1 "
+                      f"({_f(r.img_s, '.1f')} vs {_f(base.img_s if base else float('nan'), '.1f')} img/s)")
 
 
-async def bench(args: argparse.Namespace, server_url: str, data: Path, blob_path: Path, blob_len: int,
+async def bench(args: argparse.Namespace, server_url: str, data: Path, blob_paths: dict[int, Path],
                 tmp: Path) -> list[Row]:
     rows = []
     for n in args.workers:
-        print(f"[{n} workers] running {args.steps} steps ...", flush=True)
-        t0 = time.perf_counter()
-        try:
-            row = await run_config(server_url, n, args, data, blob_path, blob_len, tmp)
-        except Exception as exc:  # noqa: BLE001 - one failed configuration still prints the others
-            row = Row(n, ok=False, note=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        print(f"[{n} workers] done in {time.perf_counter() - t0:.0f}s: {_f(row.units_s, '.2f')} units/s"
-              + (f" ({row.note})" if row.note else ""), flush=True)
-        if args.size_every > 0:
-            _print_sizes(row)
-        rows.append(row)
+        for h in args.local_steps:
+            label = f"{n} workers, H={h}"
+            print(f"[{label}] running {args.steps} steps ...", flush=True)
+            t0 = time.perf_counter()
+            blob_path = blob_paths[h]
+            try:
+                row = await run_config(server_url, n, h, args, data, blob_path, blob_path.stat().st_size, tmp)
+            except Exception as exc:  # noqa: BLE001 - one failed configuration still prints the others
+                row = Row(n, h, ok=False, note=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            print(f"[{label}] done in {time.perf_counter() - t0:.0f}s: {_f(row.units_s, '.2f')} units/s, "
+                  f"{_f(row.img_s, '.1f')} images/s" + (f" ({row.note})" if row.note else ""), flush=True)
+            if args.size_every > 0:
+                _print_sizes(row)
+            rows.append(row)
     return rows
 
 
@@ -916,14 +960,18 @@ async def _server_info(url: str) -> tuple[str, int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", default="8,32,64", help="Comma-separated worker counts [8,32,64].")
+    ap.add_argument("--local-steps", default="1",
+                    help="Comma-separated coordinator --local-steps H to run for each worker count [1: exact mode]; "
+                         "H > 1: local mode, a unit is H inner steps of --unit-size images.")
     ap.add_argument("--units-per-step", type=int, default=8,
-                    help="Coordinator --units-per-step [8; the coordinator's own default is 2].")
+                    help="Coordinator --units-per-step [8; the coordinator's own default is auto].")
     ap.add_argument("--grad-dtype", choices=("fp32", "bf16"), default="bf16",
                     help="Coordinator --grad-dtype [bf16, its default].")
     ap.add_argument("--steps", type=int, default=30, help="Coordinator --max-steps per configuration [30].")
     ap.add_argument("--compute-s", type=float, default=0.0, help="Seconds a simulated worker 'computes' a unit [0].")
     ap.add_argument("--unit-size", type=int, default=64)
-    ap.add_argument("--max-staleness", type=int, default=1, help="Coordinator --max-staleness [1, its default].")
+    ap.add_argument("--max-staleness", type=int, default=1,
+                    help="Coordinator --max-staleness [1; the coordinator's own default is 0].")
     ap.add_argument("--state-every", type=int, default=25, help="Coordinator --state-every [25, its default].")
     ap.add_argument("--sim-procs", type=int, default=1, help="Processes the simulated workers are spread over [1].")
     ap.add_argument("--sample-s", type=float, default=2.0, help="Connection/size/CPU sampling period [2].")
@@ -950,6 +998,12 @@ def main() -> int:
         return asyncio.run(sim_main(args))
 
     args.workers = [int(x) for x in str(args.workers).split(",") if x.strip()]
+    try:
+        args.local_steps = list(dict.fromkeys(int(x) for x in str(args.local_steps).split(",") if x.strip()))
+    except ValueError:
+        ap.error("--local-steps needs comma-separated integers, e.g. 1,32")
+    if not args.local_steps or min(args.local_steps) < 1 or max(args.local_steps) > 4096:
+        ap.error("--local-steps needs counts between 1 and 4096, e.g. 1,32")
     if args.size_every < 0:
         ap.error("--size-every needs N >= 0 (0: off)")
     if args.timeout is None:
@@ -967,28 +1021,35 @@ def main() -> int:
         tmp = Path(tmp_s)
         data = tmp / "faces.zip"
         write_synthetic(data, max(512, args.unit_size))
-        t0 = time.perf_counter()
-        blobs = make_blobs(data, args.unit_size)
-        blob_s = time.perf_counter() - t0
-        blob = blobs[args.grad_dtype]
-        blob_path = tmp / f"gradient-{args.grad_dtype}.bin"
-        blob_path.write_bytes(blob)
-        del blobs["fp32" if args.grad_dtype == "bf16" else "bf16"]
+        blob_paths: dict[int, Path] = {}
+        blob_notes = []
+        for h in args.local_steps:  # one real unit per H, computed once
+            t0 = time.perf_counter()
+            blob = make_blobs(data, args.unit_size, h)[args.grad_dtype]
+            blob_s = time.perf_counter() - t0
+            kind = "gradient" if h == 1 else "change"
+            blob_paths[h] = tmp / f"{kind}-h{h}-{args.grad_dtype}.bin"
+            blob_paths[h].write_bytes(blob)
+            blob_notes.append(f"H={h}: {kind} blob {len(blob) / MB:.2f} MB ({h * args.unit_size} images, "
+                              f"computed in {blob_s:.1f}s)")
+            del blob
         with postgres(max_conn) as server_url:
             pg_version, max_connections = asyncio.run(_server_info(server_url))
             print(f"bench_capacity: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores "
                   f"({platform.processor() or platform.machine()}), torch {torch.__version__}, "
                   f"PostgreSQL {pg_version} (embedded, max_connections {max_connections}), "
                   f"Python {platform.python_version()}", flush=True)
-            print(f"  {args.steps} steps x {args.units_per_step} units x {args.unit_size} images, "
-                  f"max-staleness {args.max_staleness}, state-every {args.state_every}, "
-                  f"grad {args.grad_dtype} blob {len(blob) / MB:.2f} MB (one unit computed in {blob_s:.1f}s), "
+            print(f"  {args.steps} steps x {args.units_per_step} units x H local steps x {args.unit_size} images "
+                  f"(H = {','.join(str(h) for h in args.local_steps)}), "
+                  f"max-staleness {args.max_staleness}, state-every {args.state_every}, grad {args.grad_dtype}; "
+                  f"{'; '.join(blob_notes)}; "
                   f"compute {args.compute_s:g}s/unit, {args.sim_procs} simulator process(es)", flush=True)
-            rows = asyncio.run(bench(args, server_url, data, blob_path, len(blob), tmp))
-        w = next((r for r in rows if r.weights_len), None)
-        if w is not None:
-            print(f"  weights blob {w.weights_len / MB:.2f} MB per version, Adam state blob "
-                  f"{w.optimizer_len / MB:.2f} MB")
+            rows = asyncio.run(bench(args, server_url, data, blob_paths, tmp))
+        for h in args.local_steps:
+            w = next((r for r in rows if r.h == h and r.weights_len), None)
+            if w is not None:
+                print(f"  H={h}: weights blob {w.weights_len / MB:.2f} MB per version, optimizer state blob "
+                      f"{w.optimizer_len / MB:.2f} MB")
         print()
         print_tables(rows, args)
     return 0 if all(r.ok for r in rows) else 1

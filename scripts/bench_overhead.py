@@ -4,8 +4,8 @@ Both train the same schedule (same seed, unit size, units per step) on the same 
 one after the other in this one run:
 
 * ``train-local``: the reference trainer, in this process, no PostgreSQL;
-* distributed: an embedded PostgreSQL, a coordinator and one worker as subprocesses,
-  for ``--max-staleness 0`` and ``1``.
+* distributed: an embedded PostgreSQL, a coordinator and one worker as subprocesses, in
+  the exact mode (``--local-steps 1``), for ``--max-staleness 0`` and ``1``.
 
 Figures are steady-state images per second: the first step (imports, warm-up, first
 weights fetch) is excluded, so the rate is images of steps 2..N over the time between the
@@ -39,7 +39,8 @@ from ganns_async.training import TrainConfig
 
 
 def local_rate(data: Path, out: Path, args: argparse.Namespace) -> float:
-    cfg = TrainConfig(seed=0, unit_size=args.unit_size, units_per_step=args.units_per_step, max_staleness=0)
+    cfg = TrainConfig(seed=0, unit_size=args.unit_size, units_per_step=args.units_per_step, max_staleness=0,
+                      grad_dtype="fp32")
     result = train_local(LocalOptions(data=str(data), max_steps=args.steps, out=out, config=cfg,
                                       checkpoint_every=10**9, threads=args.threads))
     per_step = args.unit_size * args.units_per_step
@@ -68,6 +69,7 @@ def distributed_rate(url: str, data: Path, out: Path, staleness: int, args: argp
         # DEBUG: the coordinator logs where each step's closing time goes.
         coord = subprocess.run(base + ["--log-level", "DEBUG", "coordinator", "--max-steps", str(args.steps),
                                        "--max-staleness", str(staleness), "--unit-size", str(args.unit_size),
+                                       "--local-steps", "1",
                                        "--units-per-step", str(args.units_per_step), "--eval-every", "0",
                                        "--checkpoint-every", str(10**6), "--out", str(out)],
                                env=env, check=True, capture_output=True, text=True)

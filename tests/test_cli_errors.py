@@ -284,3 +284,19 @@ def test_grad_dtype_fp16_refused(migrated_url: str, synth_zip: Path, tmp_path: P
     )
     assert_one_line_error(by_option, "--grad-dtype", "fp16", "bf16")
     assert_one_line_error(by_env, "--grad-dtype", "fp16")
+
+
+def test_local_step_settings_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    """Refused with one line naming the flag, before the database or the data are touched."""
+    common = ("coordinator", "--db", UNREACHABLE, "--data", str(tmp_path / "missing.zip"), "--no-tui")
+    width, momentum, outer_lr, local = cli_parallel(
+        ((*common, "--units-per-step", "many"), {"timeout": 120}),
+        ((*common, "--outer-momentum", "1.5"), {"timeout": 120}),
+        (("train-local", "--data", str(tmp_path / "missing.zip"), "--max-steps", "1", "--outer-lr", "-1"),
+         {"timeout": 120}),
+        ((*common, "--local-steps", "0"), {"timeout": 120}),
+    )
+    assert_one_line_error(width, "--units-per-step", "auto", "many")
+    assert_one_line_error(momentum, "--outer-momentum", "1.5")
+    assert_one_line_error(outer_lr, "--outer-lr", "-1")
+    assert local.returncode != 0 and "--local-steps" in local.stderr and "Traceback" not in local.stderr

@@ -146,7 +146,7 @@ def test_cluster_shows_everything_at_100x30() -> None:
     assert "step 12/40" in text
     assert "epoch 2" in text
     assert "203.4 img/s" in text
-    assert "batch 256" in text
+    assert "step 256 img" in text
     assert "ETA 2m05s" in text
     assert "last step 3s ago" in text
     assert "db ok 1.2 ms" in text

@@ -111,7 +111,7 @@ def test_coordinator_and_two_workers_train_and_checkpoint_loads(migrated_url: st
     try:
         for i in range(2):
             asyncio.run(_wait_for_worker_state(migrated_url, f"w{i}", "idle"))
-        coord = cli("coordinator", *common, "--no-tui", "--max-steps", "3", "--unit-size", "16",
+        coord = cli("coordinator", *common, "--no-tui", "--max-steps", "3", "--unit-size", "16", "--local-steps", "1", "--max-staleness", "1",
                     "--units-per-step", "2", "--checkpoint-every", "1", "--eval-n", "64", "--out", str(out),
                     timeout=300)
         assert coord.returncode == 0, coord.stdout + coord.stderr
@@ -221,7 +221,7 @@ def test_worker_with_other_data_refuses_to_join(migrated_url: str, synth_zip: Pa
 
 def test_demo_runs_end_to_end_on_its_own_embedded_postgres(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    r = cli("demo", "--max-steps", "2", "--synthetic-count", "64", "--out", str(out), timeout=400)
+    r = cli("demo", "--max-steps", "2", "--local-steps", "4", "--synthetic-count", "64", "--out", str(out), timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "[demo] checkpoint:" in r.stdout and "[demo] quality:      SWD x1e3" in r.stdout
     ckpt = torch.load(out / "checkpoint_latest.pth", map_location="cpu")

@@ -1,4 +1,5 @@
-"""A distributed run with --max-staleness 0 is the single-process run, to float precision."""
+"""A distributed run with --max-staleness 0 is the single-process run, to float precision:
+in exact mode (--local-steps 1) and in local mode (H local steps per unit, FedAvg)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,19 @@ from ganns_async.training import TrainConfig
 from test_end_to_end import _spawn, _stop
 
 SEED, UNIT, UNITS_PER_STEP, STEPS = 7, 16, 2, 3
+LOCAL_STEPS = 3  # local mode: 3 inner steps of UNIT images per unit
 
 
-def _distributed(url: str, data: Path, out: Path, workers: int, tmp: Path) -> dict[str, torch.Tensor]:
+def _distributed(url: str, data: Path, out: Path, workers: int, tmp: Path,
+                 local_steps: int = 1, outer: tuple[str, ...] = (), wire: str = "fp32") -> dict[str, torch.Tensor]:
     common = ["--db", url, "--data", str(data)]
     procs = [_spawn("worker", *common, "--name", f"eq{i}", "--threads", "1", log=tmp / f"eq{workers}_{i}.log")
              for i in range(workers)]
     try:
-        r = cli("coordinator", *common, "--no-tui", "--max-staleness", "0", "--grad-dtype", "fp32", "--seed", str(SEED),
+        r = cli("coordinator", *common, "--no-tui", "--max-staleness", "0", "--grad-dtype", wire, "--seed", str(SEED),
                 "--unit-size", str(UNIT), "--units-per-step", str(UNITS_PER_STEP), "--max-steps", str(STEPS),
-                "--checkpoint-every", str(STEPS), "--out", str(out), timeout=400)
+                "--checkpoint-every", str(STEPS), "--out", str(out), "--local-steps", str(local_steps),
+                *outer, timeout=400)
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
         for p in procs:
@@ -34,11 +38,11 @@ def _distributed(url: str, data: Path, out: Path, workers: int, tmp: Path) -> di
             **{f"EMA.{k}": v for k, v in ckpt["generator_state_dict"].items()}}
 
 
-@pytest.fixture
-def local_state(synth_zip: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+def _train_local(synth_zip: Path, tmp_path: Path, **kw: float | str) -> dict[str, torch.Tensor]:
     threads = torch.get_num_threads()
     try:
-        cfg = TrainConfig(seed=SEED, unit_size=UNIT, units_per_step=UNITS_PER_STEP, max_staleness=0)
+        cfg = TrainConfig(seed=SEED, unit_size=UNIT, units_per_step=UNITS_PER_STEP, max_staleness=0,
+                          **{"grad_dtype": "fp32", **kw})  # type: ignore[arg-type]
         result = train_local(LocalOptions(data=str(synth_zip), max_steps=STEPS, out=tmp_path / "local",
                                           config=cfg, checkpoint_every=STEPS, threads=1))
     finally:
@@ -49,6 +53,11 @@ def local_state(synth_zip: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
             **{f"EMA.{k}": v for k, v in result.trainer.g_ema.state_dict().items()}}
 
 
+@pytest.fixture
+def local_state(synth_zip: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    return _train_local(synth_zip, tmp_path)
+
+
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
@@ -56,7 +65,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def test_one_worker_two_workers_and_train_local_agree(migrated_url: str, synth_zip: Path, tmp_path: Path,
                                                       local_state: dict[str, torch.Tensor]) -> None:
-    one = _distributed(migrated_url, synth_zip, tmp_path / "one", 1, tmp_path)
+    one = _distributed(migrated_url, synth_zip, tmp_path / "one", 1, tmp_path)  # --local-steps 1: exact mode
     two = _distributed(migrated_url, synth_zip, tmp_path / "two", 2, tmp_path)
     print(f"max |diff|: one-vs-local {_max_diff(one, local_state):.3g}, two-vs-local {_max_diff(two, local_state):.3g}")
     assert _max_diff(one, local_state) <= 1e-5
@@ -67,3 +76,24 @@ def test_one_worker_two_workers_and_train_local_agree(migrated_url: str, synth_z
 
     g0, _ = build_models(SEED)
     assert float((g0.main[0].weight - local_state["G.main.0.weight"]).abs().max()) > 1e-4
+
+
+def test_local_steps_run_equals_its_train_local_simulation(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    """Local mode: two workers each train 3 inner steps per unit on bf16-published weights
+    and send bf16 changes; the coordinator averages them with a Nesterov outer step on its
+    fp32 master copy. train-local --workers 2 --local-steps 3 --grad-dtype bf16 with the
+    same outer step simulates that wire and must land on the same weights."""
+    outer = {"outer_lr": 0.7, "outer_momentum": 0.9}
+    expected = _train_local(synth_zip, tmp_path, local_steps=LOCAL_STEPS, grad_dtype="bf16", **outer)
+    got = _distributed(migrated_url, synth_zip, tmp_path / "localmode", 2, tmp_path, local_steps=LOCAL_STEPS,
+                       outer=("--outer-lr", "0.7", "--outer-momentum", "0.9"), wire="bf16")
+    diff = _max_diff(got, expected)
+    print(f"max |diff| local mode vs train-local: {diff:.3g}")
+    assert diff <= 1e-5
+    exact = _train_local(synth_zip, tmp_path / "exact")
+    assert _max_diff(exact, expected) > 1e-3  # the two modes really differ
+    fp32 = _train_local(synth_zip, tmp_path / "fp32", local_steps=LOCAL_STEPS, **outer)
+    assert _max_diff(fp32, expected) > 0  # and the bf16 wire is really simulated
+    ckpt = torch.load(tmp_path / "localmode" / "checkpoint_latest.pth", map_location="cpu", weights_only=True)
+    assert ckpt["images_seen"] == STEPS * UNITS_PER_STEP * LOCAL_STEPS * UNIT
+    assert ckpt["config"]["local_steps"] == LOCAL_STEPS

@@ -71,7 +71,7 @@ def test_coordinator_killed_mid_run_resumes_from_the_database(migrated_url: str,
     worker = _spawn("worker", *common, "--name", "steady", "--threads", "1", log=tmp_path / "w.log")
     try:
         coord = _spawn("coordinator", *common, "--max-steps", "4", "--unit-size", "16", "--units-per-step", "2",
-                       "--out", str(out), log=tmp_path / "coord1.log")
+                       "--local-steps", "1", "--out", str(out), log=tmp_path / "coord1.log")
 
         async def wait_for_step(target: int) -> None:
             conn = await asyncpg.connect(migrated_url)
@@ -111,7 +111,7 @@ def test_step_closes_on_its_deadline_with_min_units(migrated_url: str, synth_zip
     """A unit held by a silent worker does not block the class: the step closes without it."""
     common = ["--db", migrated_url, "--data", str(synth_zip)]
     coord = _spawn("coordinator", *common, "--max-steps", "2", "--unit-size", "8", "--units-per-step", "3",
-                   "--step-timeout", "6", "--min-units", "2", "--max-staleness", "0", "--eval-every", "0",
+                   "--local-steps", "1", "--step-timeout", "6", "--min-units", "2", "--max-staleness", "0", "--eval-every", "0",
                    "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
 
     async def hog() -> int:

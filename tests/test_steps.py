@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ganns_async.steps import Admission, StepBook, idle_notice
+from ganns_async.steps import Admission, Round, StepBook, idle_notice
 
 
 def book(**kw: object) -> StepBook:
@@ -75,12 +75,52 @@ def test_later_steps_fold_ahead_and_count_when_they_open() -> None:
 
 
 def test_queue_covers_the_open_step_and_the_staleness_window() -> None:
-    assert book().queue_end() == 6  # steps 0 and 1, 3 units each
-    assert book(max_staleness=0).queue_end() == 3
-    assert book().queue_end(4) == 18
-    assert book(max_steps=1).queue_end() == 3  # never past the last step
-    b = book(max_steps=2, step=2)
-    assert b.finished()
+    assert book().rounds_to_queue(online=0) == [Round(0, 0, 3), Round(1, 3, 3)]  # steps 0 and 1
+    assert book(max_staleness=0).rounds_to_queue(online=0) == [Round(0, 0, 3)]
+    assert book(max_steps=1).rounds_to_queue(online=0) == [Round(0, 0, 3)]  # never past the last step
+    b = book()
+    b.queued(b.rounds_to_queue(online=0))
+    assert b.next_seq == 6 and b.capacity() == 6
+    for unit in (1, 2, 3):
+        b.folded(0, unit)
+    pending = b.rounds_to_queue(online=0, step=1)
+    assert pending == [Round(2, 6, 3)]  # only the round not planned yet
+    assert b.round_start(2, pending) == 6 and b.round_start(1) == 3
+    b.queued(pending)
+    b.close(101.0)
+    assert b.rounds_to_queue(online=0) == [] and b.round_start(1) == 3
+    assert book(max_steps=2, step=2).finished()
+
+
+def test_auto_width_gives_each_online_worker_a_unit() -> None:
+    b = book(units_per_step=0, max_staleness=0)
+    first = b.rounds_to_queue(online=0)
+    assert first == [Round(0, 0, 1)]  # nobody online yet: at least one unit
+    b.queued(first)
+    b.folded(0, 1)
+    assert b.ready(100.5) is not None
+    nxt = b.rounds_to_queue(online=5, step=1)
+    assert nxt == [Round(1, 1, 5)]  # five students online: five units
+    b.queued(nxt)
+    b.close(101.0)
+    for unit in range(2, 6):
+        b.folded(1, unit)
+    assert b.ready(101.5) is None  # four of five
+    b.folded(1, 6)
+    decision = b.ready(101.5)
+    assert decision is not None and decision.reason == "complete"
+    b.close(102.0)
+    # the round after the last planned one starts where the schedule stops
+    assert b.round_start(2) == 6
+
+
+def test_a_round_closes_on_its_deadline_with_the_units_it_has() -> None:
+    b = book(units_per_step=0, max_staleness=0, min_units=1)
+    b.queued(b.rounds_to_queue(online=4))
+    b.folded(0, 1)
+    assert b.ready(105.0) is None
+    decision = b.ready(110.0)
+    assert decision is not None and decision.partial and decision.reason == "deadline"
 
 
 def test_idle_notice_names_the_gap() -> None:
