@@ -196,7 +196,8 @@ def coordinator(
                                     max=4096, help=LOCAL_STEPS_HELP),
     units_per_step: str = typer.Option("auto", "--units-per-step", envvar="GANNS_UNITS_PER_STEP",
                                        help="Units per step (round): a number, or auto for one unit per worker "
-                                            "online when the round is planned (late joiners get the next round)."),
+                                            "online when the round is planned (a late joiner gets work from the "
+                                            "next round planned)."),
     max_staleness: int = typer.Option(0, "--max-staleness", envvar="GANNS_MAX_STALENESS", min=0,
                                       help="Results computed on weights up to K versions old still count; "
                                            "K >= 1 lets workers compute ahead while a step is aggregated, "

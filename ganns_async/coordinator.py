@@ -169,7 +169,7 @@ class Coordinator:
                 await self._start_new()
             assert self.run_id is not None
             self.intake = GradientIntake(self.store, self.book, run_id=self.run_id, trainer=self.trainer,
-                                         unit_size=self.cfg.images_per_unit, fold_thread=self._executor,
+                                         config=self.cfg, fold_thread=self._executor,
                                          event=self._event)
             self.evaluator = Evaluator(self.dataset, n=opts.eval_n, seed=self.cfg.seed, train=self._executor,
                                        record=self._record_swd)

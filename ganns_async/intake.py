@@ -20,6 +20,8 @@ from ganns_async.steps import Admission, StepBook
 from ganns_async.store import CoordinatorStore, GradientRow
 from ganns_async.training import (
     StepAccumulator,
+    TrainConfig,
+    check_result,
     UnitResult,
     gradient_spec,
     split_result,
@@ -32,13 +34,14 @@ PARALLEL_FETCHES = max(2, min(4, os.cpu_count() or 2))
 
 
 class GradientIntake:
-    def __init__(self, store: CoordinatorStore, book: StepBook, *, run_id: int, trainer: Any, unit_size: int,
+    def __init__(self, store: CoordinatorStore, book: StepBook, *, run_id: int, trainer: Any, config: TrainConfig,
                  fold_thread: concurrent.futures.Executor,
                  event: Callable[[str, str], Awaitable[None]]) -> None:
         self.store = store
         self.book = book
         self.run_id = run_id
-        self.unit_size = unit_size
+        self.cfg = config
+        self.unit_size = config.images_per_unit  # images a unit may report
         self._g, self._d = trainer.g, trainer.d
         self._spec = gradient_spec(trainer.g, trainer.d)
         self._fold_thread = fold_thread
@@ -129,7 +132,11 @@ class GradientIntake:
         metrics = meta.get("metrics") or {}
         if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
             raise PayloadError("metrics must be a map of numbers")
-        return split_result(tensors, self._g, self._d, n_samples, metrics)
+        result = split_result(tensors, self._g, self._d, n_samples, metrics)
+        why = check_result(result, self.cfg)
+        if why is not None:
+            raise PayloadError(why)
+        return result
 
     def close(self) -> None:
         self._decoders.shutdown(wait=False, cancel_futures=True)

@@ -416,7 +416,7 @@ def _warm_up_batchnorm(net: torch.nn.Module) -> None:
 
         def hook(mod: torch.nn.Module, _args: Any, base: float = base, seen: list[int] = seen) -> None:
             if mod.training:
-                mod.momentum = max(base, 1.0 / (seen[0] + 1))
+                mod.momentum = max(base, 1.0 / (max(0, seen[0]) + 1))
                 seen[0] += 1
 
         module.register_forward_pre_hook(hook)
@@ -428,6 +428,35 @@ def empty_result(g: Generator, d: Discriminator) -> UnitResult:
     grads.update({f"D.{k}": torch.zeros_like(p, device="cpu") for k, p in d.named_parameters()})
     buffers = {k: b.detach().to("cpu", copy=True) for k, b in _named_buffers(g, d).items()}
     return UnitResult(grads, buffers, 0, {})
+
+
+def max_local_change(cfg: TrainConfig) -> float:
+    """The largest change of one parameter that ``local_steps`` honest Adam steps can make.
+
+    Adam's step is lr * m_hat / (sqrt(v_hat) + eps), and |m_hat / sqrt(v_hat)| is at most
+    (1 - b1) / sqrt((1 - b2) * (1 - b1**2 / b2)) (about 18.3 for the model card's betas)
+    whatever the gradients; doubled for slack (bias correction early on, bf16 rounding).
+    """
+    b1, b2 = cfg.beta1, cfg.beta2
+    ratio = (1 - b1) / ((1 - b2) * max(1e-12, 1 - b1 * b1 / b2)) ** 0.5
+    return 2.0 * max(1.0, ratio) * cfg.lr * cfg.local_steps
+
+
+def check_result(result: UnitResult, cfg: TrainConfig) -> str | None:
+    """Why a decoded unit result cannot be honest, or None. Beyond the codec's checks
+    (names, shapes, finite values): BatchNorm variances are never negative, and in local
+    mode no parameter moves further than the unit's Adam steps can move it."""
+    for k, v in result.buffers.items():
+        if k.endswith("running_var") and bool((v < 0).any()):
+            return f"{k} has a negative variance"
+    if cfg.local:
+        limit = max_local_change(cfg)
+        for k, v in result.grads.items():
+            biggest = float(v.abs().max()) if v.numel() else 0.0
+            if biggest > limit:
+                return (f"{k} changed by {biggest:.3g}, more than {cfg.local_steps} Adam steps "
+                        f"of lr {cfg.lr:g} can move it ({limit:.3g})")
+    return None
 
 
 def through_wire(result: UnitResult, dtype: str) -> UnitResult:
@@ -637,6 +666,11 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for k, b in net.named_buffers():
+                    if not b.is_floating_point():
+                        # BatchNorm's batch counter (it drives the momentum warm-up) is the
+                        # coordinator's own: one count per local step, never a worker's word.
+                        b.add_(self.cfg.local_steps)
+                        continue
                     value = buffers.get(prefix + k)
                     if value is not None:
                         b.copy_(value.to(b.device, b.dtype))
@@ -695,7 +729,7 @@ class Trainer:
                          for key in keys if f"{prefix}{k}.{key}" in tensors}
                 if prefix + k in steps:
                     state["step"] = torch.tensor(float(steps[prefix + k]))
-                if not self.cfg.local and "step" in state and len(state) != 3:
+                if not self.cfg.local and state and len(state) != 3:
                     raise ValueError(f"saved Adam state for {prefix}{k} is incomplete")
                 if state:
                     opt.state[p] = state

@@ -157,7 +157,7 @@ def test_coordinator_and_two_workers_train_and_checkpoint_loads(migrated_url: st
 def test_worker_killed_mid_unit_does_not_lose_the_run(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     common = ["--db", migrated_url, "--data", str(synth_zip)]
-    coord = _spawn("coordinator", *common, "--max-steps", "2", "--unit-size", "32", "--units-per-step", "2",
+    coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "2", "--unit-size", "32", "--units-per-step", "2",
                    "--sweep-seconds", "1", "--out", str(out), log=tmp_path / "coord.log")
     victim = _spawn("worker", *common, "--name", "victim", "--threads", "1", "--lease-seconds", "3",
                     "--heartbeat-seconds", "1", log=tmp_path / "victim.log")
@@ -181,7 +181,7 @@ def test_worker_killed_mid_unit_does_not_lose_the_run(migrated_url: str, synth_z
 
 def test_ctrl_c_gives_the_unit_back_at_once(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
     common = ["--db", migrated_url, "--data", str(synth_zip)]
-    coord = _spawn("coordinator", *common, "--max-steps", "5", "--unit-size", "64", "--units-per-step", "1",
+    coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "5", "--unit-size", "64", "--units-per-step", "1",
                    "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
     worker = _spawn("worker", *common, "--name", "leaver", "--threads", "1", "--lease-seconds", "600",
                     log=tmp_path / "worker.log")
@@ -205,7 +205,7 @@ def test_worker_with_other_data_refuses_to_join(migrated_url: str, synth_zip: Pa
     from ganns_async.data import write_synthetic
 
     other = write_synthetic(tmp_path / "other.zip", 40, seed=99)
-    coord = _spawn("coordinator", "--db", migrated_url, "--data", str(synth_zip), "--max-steps", "1",
+    coord = _spawn("coordinator", "--local-steps", "2", "--db", migrated_url, "--data", str(synth_zip), "--max-steps", "1",
                    "--eval-every", "0", "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
     try:
         # The worker waits for the run (woken by its notification), then refuses it.

@@ -54,7 +54,7 @@ def test_worker_trains_on_hf_data_and_coordinator_pushes(migrated_url: str, synt
     worker = _spawn("worker", "--db", migrated_url, "--data", "hf://class/celeba/data/faces.zip",
                     "--name", "hub-worker", "--threads", "1", log=tmp_path / "w.log")
     try:
-        r = cli("coordinator", "--db", migrated_url, "--data", str(synth_zip), "--max-steps", "2",
+        r = cli("coordinator", "--local-steps", "2", "--db", migrated_url, "--data", str(synth_zip), "--max-steps", "2",
                 "--unit-size", "8", "--eval-every", "1", "--eval-n", "32", "--checkpoint-every", "1",
                 "--hf-repo", "teacher/class-dcgan", "--hf-push-every", "2", "--out", str(out), timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -82,7 +82,7 @@ def test_failing_hub_never_stops_training(migrated_url: str, synth_zip: Path, tm
     worker = _spawn("worker", "--db", migrated_url, "--data", str(synth_zip), "--name", "steady",
                     "--threads", "1", log=tmp_path / "w.log")
     try:
-        r = cli("coordinator", "--db", migrated_url, "--data", str(synth_zip), "--max-steps", "3",
+        r = cli("coordinator", "--local-steps", "2", "--db", migrated_url, "--data", str(synth_zip), "--max-steps", "3",
                 "--unit-size", "8", "--eval-every", "0", "--checkpoint-every", "1", "--hf-repo", "teacher/x",
                 "--hf-push-every", "1", "--out", str(tmp_path / "out"), timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -98,7 +98,7 @@ def test_failing_hub_never_stops_training(migrated_url: str, synth_zip: Path, tm
 
 def test_push_without_any_token_is_refused_at_start(migrated_url: str, synth_zip: Path, tmp_path: Path,
                                                     hub_env: dict[str, str]) -> None:
-    r = cli("coordinator", "--db", migrated_url, "--data", str(synth_zip), "--max-steps", "1",
+    r = cli("coordinator", "--local-steps", "2", "--db", migrated_url, "--data", str(synth_zip), "--max-steps", "1",
             "--hf-repo", "teacher/x", "--out", str(tmp_path / "out"))
     assert r.returncode != 0
     assert r.stderr.startswith("error: ") and "HF_TOKEN" in r.stderr and "Traceback" not in r.stderr

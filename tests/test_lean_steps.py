@@ -134,7 +134,7 @@ def test_database_stays_flat_over_150_steps_and_a_worker_holds_two_connections(
     over the run without the vacuum."""
     steps = 150
     common = ["--db", migrated_url, "--data", str(synth_zip)]
-    coord = _spawn("coordinator", *common, "--max-steps", str(steps), "--unit-size", "4", "--eval-every", "0",
+    coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", str(steps), "--unit-size", "4", "--eval-every", "0",
                    "--checkpoint-every", "1000", "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
     worker = _spawn("worker", *common, "--name", "long\x1b]0;haul", "--threads", "1", log=tmp_path / "w.log")
     try:

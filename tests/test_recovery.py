@@ -44,7 +44,7 @@ async def _plant_hostile_gradient(url: str, payload: bytes) -> int:
 
 def test_hostile_gradient_is_rejected_and_its_unit_recomputed(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
     common = ["--db", migrated_url, "--data", str(synth_zip)]
-    coord = _spawn("coordinator", *common, "--max-steps", "2", "--unit-size", "16", "--units-per-step", "2",
+    coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "2", "--unit-size", "16", "--units-per-step", "2",
                    "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
     worker = None
     try:
@@ -151,7 +151,7 @@ def test_a_second_coordinator_cannot_take_over_a_live_run(migrated_url: str, syn
     from conftest import cli
 
     common = ["--db", migrated_url, "--data", str(synth_zip)]
-    first = _spawn("coordinator", *common, "--max-steps", "5", "--eval-every", "0", "--out", str(tmp_path / "a"),
+    first = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "5", "--eval-every", "0", "--out", str(tmp_path / "a"),
                    log=tmp_path / "first.log")
     try:
         async def wait_for_run() -> None:
@@ -182,7 +182,7 @@ def test_operator_pauses_resumes_and_stops_the_run(migrated_url: str, synth_zip:
     from conftest import cli
 
     common = ["--db", migrated_url, "--data", str(synth_zip)]
-    coord = _spawn("coordinator", *common, "--max-steps", "1000", "--unit-size", "8", "--eval-every", "0",
+    coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "1000", "--unit-size", "8", "--eval-every", "0",
                    "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
     worker = _spawn("worker", *common, "--name", "obedient", "--threads", "1", log=tmp_path / "w.log")
     try:
@@ -205,3 +205,37 @@ def test_operator_pauses_resumes_and_stops_the_run(migrated_url: str, synth_zip:
     assert (tmp_path / "out" / "checkpoint_latest.pth").exists()
     events = asyncio.run(_fetch(migrated_url, "SELECT message FROM events WHERE kind IN ('control', 'run')"))
     assert any("stopped by the operator" in e["message"] for e in events)
+
+
+def test_a_change_no_honest_unit_could_make_is_refused(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    """Local mode: a well-formed payload whose weights moved further than the unit's Adam
+    steps can move them (here: every weight by 1.0) is refused, and an honest worker
+    recomputes the unit."""
+    from ganns_async import codec
+    from ganns_async.model import build_models
+    from ganns_async.training import state_tensors
+
+    g, d = build_models(0)
+    params = {f"G.{k}" for k, _ in g.named_parameters()} | {f"D.{k}" for k, _ in d.named_parameters()}
+    forged = {k: (torch.ones_like(v) if k in params else v) for k, v in state_tensors(g, d).items()}
+    payload = codec.encode_tensors(forged, meta={"n_samples": 16, "metrics": {}}, float_dtype="bf16")
+    common = ["--db", migrated_url, "--data", str(synth_zip)]
+    coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "1", "--unit-size", "8",
+                   "--units-per-step", "2", "--eval-every", "0", "--out", str(tmp_path / "out"),
+                   log=tmp_path / "coord.log")
+    worker = None
+    try:
+        unit_id = asyncio.run(_plant_hostile_gradient(migrated_url, payload))
+        worker = _spawn("worker", *common, "--name", "honest", "--threads", "1", log=tmp_path / "w.log")
+        assert coord.wait(240) == 0, (tmp_path / "coord.log").read_text()
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(coord)
+    rejections = asyncio.run(_fetch(migrated_url, "SELECT unit_id, reason FROM rejections"))
+    assert len(rejections) == 1 and rejections[0]["unit_id"] == unit_id
+    assert "changed by 1" in rejections[0]["reason"] and "Adam steps" in rejections[0]["reason"]
+    run = asyncio.run(_fetch(migrated_url, "SELECT status, step, images_seen FROM runs"))
+    assert [tuple(r) for r in run] == [("done", 1, 32)]  # both units honest in the end: 2 x 2 steps x 8
+    ckpt = torch.load(tmp_path / "out" / "checkpoint_latest.pth", map_location="cpu", weights_only=True)
+    assert float(ckpt["generator_raw_state_dict"]["main.0.weight"].abs().max()) < 1.0

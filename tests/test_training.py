@@ -10,9 +10,13 @@ from ganns_async.training import (
     StepAccumulator,
     TrainConfig,
     Trainer,
+    UnitResult,
+    check_result,
     compute_unit,
     epoch_permutation,
+    max_local_change,
     plan_unit,
+    run_local_unit,
     unit_noise,
 )
 
@@ -182,3 +186,68 @@ def test_micro_batches_cover_the_whole_unit() -> None:
     # The chunks see different BatchNorm batches, so D's gradient moves, but stays close in direction.
     a, b = whole.grads["D.main.0.weight"].flatten(), split.grads["D.main.0.weight"].flatten()
     assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.5
+
+
+class _Images:
+    """A dataset of random images, as run_local_unit reads one."""
+
+    def __init__(self, n: int) -> None:
+        self.images = _images(n, seed=3)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def load(self, indices: list[int]) -> tuple[torch.Tensor, list[int]]:
+        return self.images[indices], []
+
+
+def test_a_local_unit_trains_a_copy_and_returns_its_change() -> None:
+    cfg = TrainConfig(seed=2, unit_size=8, local_steps=3, units_per_step=2)
+    g, d = build_models(2)
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    result, bad = run_local_unit(g, d, _Images(64), list(range(24)), 77, cfg)
+    assert bad == [] and result.n_samples == 24
+    assert all(torch.equal(before[k], v) for k, v in g.state_dict().items())  # the caller's model is untouched
+    delta = result.grads["G.main.0.weight"]
+    assert delta.shape == g.main[0].weight.shape and float(delta.abs().max()) > 0
+    # Three Adam steps of lr 2e-4 move no weight by more than the bound the coordinator checks.
+    assert check_result(result, cfg) is None
+    assert max(float(v.abs().max()) for v in result.grads.values()) <= max_local_change(cfg)
+    again, _ = run_local_unit(g, d, _Images(64), list(range(24)), 77, cfg)
+    assert all(torch.equal(again.grads[k], v) for k, v in result.grads.items())  # deterministic
+
+
+def test_hostile_local_results_are_refused() -> None:
+    cfg = TrainConfig(seed=2, unit_size=8, local_steps=3, units_per_step=2)
+    g, d = build_models(2)
+    result, _ = run_local_unit(g, d, _Images(64), list(range(24)), 77, cfg)
+    huge = UnitResult({**result.grads, "G.main.0.weight": result.grads["G.main.0.weight"] * 1e6},
+                      result.buffers, result.n_samples, {})
+    assert "changed by" in (check_result(huge, cfg) or "")
+    negative = dict(result.buffers)
+    negative["G.main.1.running_var"] = -torch.ones_like(negative["G.main.1.running_var"])
+    assert "negative variance" in (check_result(UnitResult(result.grads, negative, 24, {}), cfg) or "")
+    # A worker's batch counter is not trusted: the coordinator counts local steps itself.
+    trainer = Trainer(cfg)
+    lying = dict(result.buffers)
+    lying["G.main.1.num_batches_tracked"] = torch.tensor(-5)
+    acc = StepAccumulator(0)
+    acc.add(1, UnitResult(result.grads, lying, 24, {}))
+    trainer.update(acc)
+    assert int(trainer.g.main[1].num_batches_tracked) == 3
+    assert torch.allclose(trainer.g.main[0].weight, g.main[0].weight + result.grads["G.main.0.weight"])
+
+
+def test_fedavg_lands_on_the_mean_of_the_workers_weights() -> None:
+    cfg = TrainConfig(seed=4, unit_size=8, local_steps=2, units_per_step=2)
+    trainer = Trainer(cfg)
+    g0 = trainer.g.main[0].weight.detach().clone()
+    acc = StepAccumulator(0)
+    results = []
+    for seq, n in ((0, 16), (1, 8)):
+        r, _ = run_local_unit(trainer.g, trainer.d, _Images(64), list(range(seq * 16, seq * 16 + n)), seq, cfg)
+        results.append(r)
+        acc.add(seq, r)
+    trainer.update(acc)
+    expected = g0 + (16 * results[0].grads["G.main.0.weight"] + 8 * results[1].grads["G.main.0.weight"]) / 24
+    assert torch.allclose(trainer.g.main[0].weight, expected, atol=1e-7)

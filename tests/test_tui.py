@@ -46,7 +46,7 @@ def test_coordinator_dashboard_and_watch_in_tmux(migrated_url: str, synth_zip: P
     workers = [_spawn("worker", *common, "--name", name, "--threads", "1", log=tmp_path / f"{name}.log")
                for name in ("ada-laptop", "grace-pc")]
     try:
-        _start(coord_session, ["coordinator", *common, "--max-steps", "60", "--unit-size", "16",
+        _start(coord_session, ["coordinator", "--local-steps", "2", *common, "--max-steps", "60", "--unit-size", "16",
                                "--eval-every", "0", "--out", str(tmp_path / "out")])
         screen = _screen_until(coord_session, lambda t: "ada-laptop" in t and "grace-pc" in t and "step 3" in t)
         assert "computing" in screen or "idle" in screen or "uploading" in screen
@@ -70,7 +70,7 @@ def test_no_tui_output_is_line_oriented(migrated_url: str, synth_zip: Path, tmp_
     common = ["--db", migrated_url, "--data", str(synth_zip)]
     worker = _spawn("worker", *common, "--name", "liner", "--threads", "1", log=tmp_path / "w.log")
     try:
-        r = cli("coordinator", *common, "--no-tui", "--max-steps", "2", "--unit-size", "8", "--eval-every", "0",
+        r = cli("coordinator", "--local-steps", "2", *common, "--no-tui", "--max-steps", "2", "--unit-size", "8", "--eval-every", "0",
                 "--out", str(tmp_path / "out"), timeout=240)
         assert r.returncode == 0, r.stderr
     finally:
