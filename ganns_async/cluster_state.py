@@ -25,6 +25,7 @@ from ganns_async.db import (
     Listener,
 )
 from ganns_async.model import Discriminator, Generator
+from ganns_async.terminal import printable
 from ganns_async.training import (
     TrainConfig,
     generate,
@@ -84,7 +85,8 @@ async def read_snapshot(
             state = "stale"
         alive = max(1e-6, float(r["alive_s"] or 0))
         workers.append(WorkerRow(
-            name=r["name"], device=r["device"], state=state, units_done=int(r["units_done"]),
+            name=printable(r["name"], 64), device=printable(r["device"], 32), state=state,
+            units_done=int(r["units_done"]),
             images_done=int(r["images_done"]), images_per_s=float(r["images_done"]) / alive if alive > 1 else 0.0,
             share=int(r["images_done"]) / total_images, last_seen_s=max(0.0, float(r["last_seen_s"])),
         ))
@@ -113,7 +115,8 @@ async def read_snapshot(
         db_ok=True, db_latency_ms=latency_ms, workers=tuple(workers),
         history=tuple(StepPoint(step=m["step"], g_loss=m["g_loss"], d_loss=m["d_loss"], d_x=m["d_x"],
                                 d_g_z=m["d_g_z"], swd=m["swd"]) for m in metrics),
-        events=tuple(EventLine(age_s=float(e["age_s"]), kind=e["kind"], message=e["message"]) for e in events),
+        events=tuple(EventLine(age_s=float(e["age_s"]), kind=printable(e["kind"], 16),
+                               message=printable(e["message"], 300)) for e in events),
         sample=sample, leaderboard=leaderboard,
     )
 

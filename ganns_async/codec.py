@@ -59,6 +59,13 @@ _FAMILIES = ("float", "int")
 _MAX_NDIM = 32          # torch itself allows at most 64; real parameters have <= 4
 _MAX_META_DEPTH = 32    # keeps the meta walk far from Python's recursion limit
 _READ_CHUNK = 1 << 20   # decompress 1 MiB at a time
+# msgpack lengths a real payload never comes near (about 60 tensors, shapes of <= 4 dims,
+# a few meta fields). Without them a 2 KiB blob of one-byte list items unpacks into
+# hundreds of millions of Python objects: tens of seconds and GiBs to decode.
+_MAX_ARRAY_LEN = 4096
+_MAX_MAP_LEN = 4096
+_MAX_STR_LEN = 1 << 16
+_SPEC_SLACK = 64 * 1024  # meta and msgpack framing on top of the tensors' own bytes
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _ZSTD_DEFAULT_WINDOW_MAX = 1 << 27   # libzstd's own default window limit
 _ZSTD_MIN_WINDOW_LIMIT = 1 << 23     # window of zstd levels <= 19 on unsized input
@@ -251,8 +258,9 @@ def _decompress_capped(blob: bytes, max_bytes: int) -> bytearray:
 
 def _unpack(data: bytearray) -> Any:
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_reject_ext,
-                               use_list=True)
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
+                               max_array_len=_MAX_ARRAY_LEN, max_map_len=_MAX_MAP_LEN,
+                               max_str_len=_MAX_STR_LEN, max_bin_len=len(data))
     except _ExtTypeRejected as exc:
         raise PayloadError(f"payload contains a msgpack extension type ({exc.args[0]})") from None
     except msgpack.ExtraData:
@@ -344,6 +352,11 @@ def decode_tensors(blob: bytes, *, expected: Mapping[str, tuple[tuple[int, ...],
     if not isinstance(blob, bytes):
         raise PayloadError(f"payload is a {type(blob).__name__}, not bytes")
 
+    if expected is not None:
+        # The model says how big an honest payload is: decompress no more than that.
+        max_bytes = min(max_bytes, spec_budget(expected))
+    if len(blob) > max_bytes + max_bytes // 64 + 4096:  # zstd never grows data by more
+        raise PayloadError(f"payload is {len(blob)} bytes, more than a payload of this kind can be")
     _check_zstd_frame(blob, max_bytes)
     doc = _unpack(_decompress_capped(blob, max_bytes))
 
@@ -383,6 +396,18 @@ def decode_tensors(blob: bytes, *, expected: Mapping[str, tuple[tuple[int, ...],
             raise PayloadError(f"tensor {_short(name)} contains {kind} values")
         tensors[name] = t
     return tensors, meta
+
+
+def spec_budget(expected: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
+    """The most bytes an honest payload for ``expected`` decompresses to: every tensor at
+    its widest wire type (fp32 floats, int64 integers) plus names, shapes and meta."""
+    total = _SPEC_SLACK
+    for name, (shape, family) in expected.items():
+        n = 1
+        for dim in shape:
+            n *= int(dim)
+        total += n * (8 if family == "int" else 4) + len(name.encode()) + 16 + 9 * len(shape)
+    return total
 
 
 def tensor_spec(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:

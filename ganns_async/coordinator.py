@@ -51,6 +51,7 @@ from ganns_async.migrate import require_migrated
 from ganns_async.outputs import CHECKPOINT_NAME, OutputWriter
 from ganns_async.steps import CloseDecision, Round, StepBook, idle_notice
 from ganns_async.store import CoordinatorStore, NewUnit, StepRecord
+from ganns_async.terminal import printable
 from ganns_async.training import (
     StepAccumulator,
     TrainConfig,
@@ -136,7 +137,7 @@ class Coordinator:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _event(self, kind: str, message: str) -> None:
-        log.info("%s: %s", kind, message)
+        log.info("%s: %s", kind, printable(message, 300))  # may quote a student's words
         await self.store.event(self.run_id, kind, message)
 
     # --- lifecycle -------------------------------------------------------------------

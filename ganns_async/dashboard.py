@@ -568,7 +568,7 @@ def _workers_panel(snap: ClusterSnapshot, width: int, rows: int) -> Panel:
             cells.append(_MEDALS[rank - 1] if rank <= len(_MEDALS) else f"{rank}.")
         cells.append(Text(w.name, style="bold" if w.state != "offline" else ""))
         if show_device:
-            cells.append(w.device)
+            cells.append(Text(w.device))  # a Text: never parsed as markup
         cells.append(Text(w.state, style=_WORKER_STATE_STYLES.get(w.state, "white")))
         cells += [f"{w.units_done:,}", _fmt_count(w.images_done), _fmt_rate(w.images_per_s), _share_cell(w.share)]
         if show_seen:

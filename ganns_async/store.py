@@ -16,6 +16,7 @@ from typing import Any
 
 from ganns_async.db import Database, Tx
 from ganns_async.steps import Round
+from ganns_async.terminal import printable
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class GradientRow:
 
     @property
     def who(self) -> str:
-        return self.worker_name or f"worker {self.worker_id}"
+        """The worker's name as logs and events may show it (it is typed by a student)."""
+        return printable(self.worker_name, 64) if self.worker_name else f"worker {self.worker_id}"
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,8 @@ class CoordinatorStore:
 
     async def requeue_expired_leases(self, run_id: int) -> list[tuple[int, int, str | None]]:
         rows = await self.db.fetch("requeue_expired_leases", run_id)
-        return [(int(r["id"]), int(r["step"]), r["worker_name"]) for r in rows]
+        return [(int(r["id"]), int(r["step"]), printable(r["worker_name"], 64) if r["worker_name"] else None)
+                for r in rows]
 
     async def cancel_open_units(self, run_id: int, step: int) -> None:
         await self.db.execute("cancel_open_units", run_id, step)

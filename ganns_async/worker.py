@@ -43,6 +43,7 @@ from ganns_async.hardware import cpu_info, gpu_info, pick_device
 from ganns_async.migrate import require_migrated
 from ganns_async.model import build_models
 from ganns_async.store import RunRow, UnitRow, WorkerStore
+from ganns_async.terminal import printable
 from ganns_async.training import (
     TrainConfig,
     load_state_tensors,
@@ -384,10 +385,11 @@ def worker_snapshot(status: WorkerStatus, message: str = "") -> Any:
         if status.state == "uploading":
             progress = max(progress, 0.95)
     return WorkerSnapshot(
-        name=status.name, device=status.device, connection=status.connection, run_id=status.run_id,
+        name=printable(status.name, 64), device=printable(status.device, 32), connection=status.connection,
+        run_id=status.run_id,
         state=status.state, unit_id=status.unit_id, unit_step=status.unit_step, unit_progress=progress,
         units_done=status.units_done, images_done=status.images_done, images_per_s=status.images_per_s,
         rank=status.rank, workers_total=status.workers_total,
         recent_losses=tuple((m.get("d_loss", float("nan")), m.get("g_loss", float("nan"))) for m in status.recent),
-        message=message or status.message,
+        message=printable(message or status.message, 300),
     )

@@ -16,10 +16,12 @@ from ganns_async.codec import (
     FORMAT_VERSION,
     decode_tensors,
     encode_tensors,
+    spec_budget,
     tensor_spec,
 )
 from ganns_async.errors import PayloadError, UserError
 from ganns_async.model import build_models
+from ganns_async.training import state_tensors
 
 
 # ------------------------------------------------------------------ helpers
@@ -427,3 +429,46 @@ def test_bomb_never_allocates_past_the_cap():
     finally:
         tracemalloc.stop()
     assert peak < 4 * (1 << 20), f"decoding a capped bomb peaked at {peak} bytes"
+
+
+def test_amplification_bombs_are_refused_at_once() -> None:
+    """A few hundred bytes that would unpack into millions of Python objects (issue: 2 KiB
+    cost 33 s and 557 MiB) are refused by msgpack's length limits, spec or not."""
+    import time
+
+    g, d = build_models(0)
+    spec = tensor_spec(state_tensors(g, d))
+    bombs = {
+        "list": {"format": 1, "meta": {"x": [None] * 5_000_000}, "tensors": []},
+        "map": None,  # raw bytes below: one key repeated, as a hostile packer may write it
+        "shape": {"format": 1, "meta": {}, "tensors": [["a", "f32", [1] * 100_000, b""]]},
+    }
+    repeated_map = (b"\x83" + msgpack.packb("format") + msgpack.packb(1) + msgpack.packb("meta")
+                    + b"\xdf" + (1_000_000).to_bytes(4, "big") + b"\xa1k\x00" * 1_000_000
+                    + msgpack.packb("tensors") + msgpack.packb([]))
+    for kind, doc in bombs.items():
+        raw = repeated_map if doc is None else msgpack.packb(doc)
+        blob = zstandard.ZstdCompressor(level=19).compress(raw)
+        assert len(blob) < 4096, kind
+        for expected in (None, spec):
+            started = time.perf_counter()
+            with pytest.raises(PayloadError, match="exceeds max"):
+                decode_tensors(blob, expected=expected)
+            assert time.perf_counter() - started < 5, kind  # generous: it takes milliseconds
+
+
+def test_the_spec_bounds_what_is_decompressed() -> None:
+    """With an expected spec, a payload may not decompress (or arrive) larger than an
+    honest one could be."""
+    small = {"w": torch.zeros(4, 4)}
+    spec = tensor_spec(small)
+    assert spec_budget(spec) < 128 * 1024
+    padded = encode_tensors(small, meta={"pad": "x" * 60_000})  # under the slack: fine
+    decode_tensors(padded, expected=spec)
+    too_big = encode_tensors(small, meta={"pad": ["y" * 60_000] * 4})
+    with pytest.raises(PayloadError, match="cap"):
+        decode_tensors(too_big, expected=spec)
+    incompressible = encode_tensors({"w": torch.rand(256, 256)})
+    with pytest.raises(PayloadError, match="more than a payload of this kind"):
+        decode_tensors(incompressible, expected=spec)
+    decode_tensors(incompressible)  # without a spec the general cap applies
