@@ -135,10 +135,16 @@ def plan_unit(cfg: TrainConfig, dataset_size: int, seq: int, step: int | None = 
     """
     n = cfg.images_per_unit
     start = seq * n
-    indices: list[int] = []
-    for pos in range(start, start + n):
+    # Slices of each epoch's permutation, not a Python loop per image: a round of a
+    # class's local units is tens of thousands of indices, planned on the event loop.
+    parts = []
+    pos, end = start, start + n
+    while pos < end:
         epoch, offset = divmod(pos, dataset_size)
-        indices.append(int(epoch_permutation(cfg.seed, epoch, dataset_size)[offset]))
+        take = min(end - pos, dataset_size - offset)
+        parts.append(epoch_permutation(cfg.seed, epoch, dataset_size)[offset:offset + take])
+        pos += take
+    indices = [int(i) for i in np.concatenate(parts)]
     noise_seed = int(np.random.SeedSequence([cfg.seed, seq, 0x401E]).generate_state(1, np.uint64)[0] >> 1)
     if step is None:
         if cfg.auto_width:
@@ -464,11 +470,13 @@ def through_wire(result: UnitResult, dtype: str) -> UnitResult:
     if dtype == "fp32":
         return result
 
-    def rounded(t: torch.Tensor) -> torch.Tensor:
-        return t.to(torch.bfloat16).to(torch.float32) if t.is_floating_point() else t
+    return UnitResult({k: _bf16_rounded(v) for k, v in result.grads.items()},
+                      {k: _bf16_rounded(v) for k, v in result.buffers.items()}, result.n_samples, dict(result.metrics))
 
-    return UnitResult({k: rounded(v) for k, v in result.grads.items()},
-                      {k: rounded(v) for k, v in result.buffers.items()}, result.n_samples, dict(result.metrics))
+
+def _bf16_rounded(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as it arrives after a bf16 trip through the codec (round to nearest even)."""
+    return t.to(torch.bfloat16).to(t.dtype) if t.is_floating_point() else t
 
 
 def broadcast_copies(g: Generator, d: Discriminator, dtype: str) -> tuple[Generator, Discriminator]:
@@ -479,7 +487,7 @@ def broadcast_copies(g: Generator, d: Discriminator, dtype: str) -> tuple[Genera
     with torch.no_grad():
         for t in list(gb.state_dict().values()) + list(db.state_dict().values()):
             if t.is_floating_point():
-                t.copy_(t.to(torch.bfloat16).to(t.dtype))
+                t.copy_(_bf16_rounded(t))
     return gb, db
 
 

@@ -42,19 +42,27 @@ async def _plant_hostile_gradient(url: str, payload: bytes) -> int:
         await conn.close()
 
 
-def test_hostile_gradient_is_rejected_and_its_unit_recomputed(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
-    common = ["--db", migrated_url, "--data", str(synth_zip)]
-    coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "2", "--unit-size", "16", "--units-per-step", "2",
-                   "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
+def _run_with_planted_result(url: str, data: Path, tmp_path: Path, payload: bytes, *coord_args: str) -> int:
+    """A coordinator run in which mallory stores ``payload`` for the first unit and one
+    honest worker does the rest; returns mallory's unit."""
+    common = ["--db", url, "--data", str(data)]
+    coord = _spawn("coordinator", *common, *coord_args, "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
     worker = None
     try:
-        unit_id = asyncio.run(_plant_hostile_gradient(migrated_url, b"\x28\xb5\x2f\xfd" + b"not really zstd" * 10))
+        unit_id = asyncio.run(_plant_hostile_gradient(url, payload))
         worker = _spawn("worker", *common, "--name", "honest", "--threads", "1", log=tmp_path / "w.log")
         assert coord.wait(240) == 0, (tmp_path / "coord.log").read_text()
     finally:
         if worker is not None:
             _stop(worker)
         _stop(coord)
+    return unit_id
+
+
+def test_hostile_gradient_is_rejected_and_its_unit_recomputed(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    unit_id = _run_with_planted_result(migrated_url, synth_zip, tmp_path, b"\x28\xb5\x2f\xfd" + b"not really zstd" * 10,
+                                       "--local-steps", "2", "--max-steps", "2", "--unit-size", "16",
+                                       "--units-per-step", "2")
     rejections = asyncio.run(_fetch(migrated_url, "SELECT unit_id, reason, w.name FROM rejections r "
                                                   "JOIN workers w ON w.id = r.worker_id"))
     assert len(rejections) == 1 and rejections[0]["unit_id"] == unit_id and rejections[0]["name"] == "mallory"
@@ -219,19 +227,9 @@ def test_a_change_no_honest_unit_could_make_is_refused(migrated_url: str, synth_
     params = {f"G.{k}" for k, _ in g.named_parameters()} | {f"D.{k}" for k, _ in d.named_parameters()}
     forged = {k: (torch.ones_like(v) if k in params else v) for k, v in state_tensors(g, d).items()}
     payload = codec.encode_tensors(forged, meta={"n_samples": 16, "metrics": {}}, float_dtype="bf16")
-    common = ["--db", migrated_url, "--data", str(synth_zip)]
-    coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "1", "--unit-size", "8",
-                   "--units-per-step", "2", "--eval-every", "0", "--out", str(tmp_path / "out"),
-                   log=tmp_path / "coord.log")
-    worker = None
-    try:
-        unit_id = asyncio.run(_plant_hostile_gradient(migrated_url, payload))
-        worker = _spawn("worker", *common, "--name", "honest", "--threads", "1", log=tmp_path / "w.log")
-        assert coord.wait(240) == 0, (tmp_path / "coord.log").read_text()
-    finally:
-        if worker is not None:
-            _stop(worker)
-        _stop(coord)
+    unit_id = _run_with_planted_result(migrated_url, synth_zip, tmp_path, payload, "--local-steps", "2",
+                                       "--max-steps", "1", "--unit-size", "8", "--units-per-step", "2",
+                                       "--eval-every", "0")
     rejections = asyncio.run(_fetch(migrated_url, "SELECT unit_id, reason FROM rejections"))
     assert len(rejections) == 1 and rejections[0]["unit_id"] == unit_id
     assert "changed by 1" in rejections[0]["reason"] and "Adam steps" in rejections[0]["reason"]
