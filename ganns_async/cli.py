@@ -26,7 +26,7 @@ app = typer.Typer(
         "--data celeba.zip`, every student runs `ganns-async worker --db URL --data celeba.zip`."
     ),
 )
-db_app = typer.Typer(no_args_is_help=True, help="Apply and inspect the schema migrations in sql/.")
+db_app = typer.Typer(no_args_is_help=True, help="Apply the schema migrations in sql/ and make the class's logins.")
 data_app = typer.Typer(no_args_is_help=True, help="Make or inspect datasets.")
 app.add_typer(db_app, name="db")
 app.add_typer(data_app, name="data")
@@ -217,6 +217,11 @@ def coordinator(
                                         "(exact: a --max-staleness 0 run then equals train-local)."),
     sweep: float = typer.Option(15.0, "--sweep-seconds", envvar="GANNS_SWEEP_SECONDS", min=0.1,
                                 help="Safety sweep interval: requeue expired leases, catch lost notifications."),
+    spot_check: float = typer.Option(0.05, "--spot-check", envvar="GANNS_SPOT_CHECK", min=0.0, max=1.0,
+                                     help="Share of results recomputed by another student's worker and compared "
+                                          "before they count (each worker's first 2 results always are); a "
+                                          "worker whose result disagrees with two others is quarantined. 0 "
+                                          "turns replication off."),
     lr: float = typer.Option(2e-4, "--lr", envvar="GANNS_LR", help="Adam learning rate (both networks)."),
     g_ema: float = typer.Option(0.999, "--g-ema", envvar="GANNS_G_EMA", min=0.0, max=0.9999,
                                 help="Decay of the moving average of G that samples, SWD and the checkpoint's "
@@ -263,7 +268,7 @@ def coordinator(
                                   step_timeout=step_timeout, min_units=min_units,
                                   checkpoint_every=checkpoint_every, state_every=state_every, sweep_s=sweep,
                                   eval_every=eval_every, eval_n=eval_n, hf_repo=hf_repo,
-                                  hf_push_every=hf_push_every, hf_private=hf_private)
+                                  hf_push_every=hf_push_every, hf_private=hf_private, spot_check=spot_check)
         _run_async(lambda: _coordinate(opts, tui=want_tui(no_tui)))
 
     _run(body)
@@ -553,6 +558,48 @@ def db_status(db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB
             raise typer.Exit(1)
 
     _run(body)
+
+
+def _print_login(url: str, role: str) -> None:
+    from ganns_async.logins import ROLES
+
+    typer.echo(f"created {role} login; its URL (give it to that person only):")
+    typer.echo(url)
+    use = {"worker": "ganns-async worker --db URL --data ...", "coordinator": "ganns-async coordinator --db URL ...",
+           "viewer": "ganns-async watch --db URL"}[ROLES[role]]
+    typer.echo(f"use: {use}", err=True)
+
+
+@db_app.command("add-student")
+def db_add_student(
+    name: str = typer.Argument(..., help="The login: 1-40 of a-z, 0-9 and _ (e.g. alice)."),
+    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP + " (a user with CREATEROLE)"),
+    password: Optional[str] = typer.Option(None, "--password", help="[default: a random one, printed in the URL]"),
+) -> None:
+    """Create a student's login (a ganns_worker) and print the URL the student runs workers with.
+
+    The login can do nothing but what a worker does, through the ganns_api functions: its
+    workers are named after it, it holds at most 2 units at once, and it has a connection
+    limit and statement timeouts. Same as, in psql:
+    SELECT ganns_admin.add_login('alice', 'password', 'worker');
+    """
+    from ganns_async.logins import add_login
+
+    _run(lambda: _print_login(_run_async(lambda: add_login(db, name, "student", password)), "student"))
+
+
+@db_app.command("add-login")
+def db_add_login(
+    name: str = typer.Argument(..., help="The login: 1-40 of a-z, 0-9 and _."),
+    role: str = typer.Option("student", "--role", help="student (runs workers), instructor (runs the coordinator, "
+                                                       "control) or viewer (watch only)."),
+    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP + " (a user with CREATEROLE)"),
+    password: Optional[str] = typer.Option(None, "--password", help="[default: a random one, printed in the URL]"),
+) -> None:
+    """Create a login for a student, an instructor or a viewer, and print its URL."""
+    from ganns_async.logins import add_login
+
+    _run(lambda: _print_login(_run_async(lambda: add_login(db, name, role, password)), role))
 
 
 # --- data -----------------------------------------------------------------------------

@@ -61,9 +61,9 @@ async def read_snapshot(
     started = time.perf_counter()
     await db.fetchval("ping")
     latency_ms = (time.perf_counter() - started) * 1000
-    run = await db.fetchrow("get_run", run_id) if run_id is not None else await db.fetchrow("active_run")
+    run = await db.fetchrow("view_run", run_id) if run_id is not None else await db.fetchrow("view_active_run")
     if run is None:
-        run = await db.fetchrow("latest_run")
+        run = await db.fetchrow("view_latest_run")
     if run is None:
         return ClusterSnapshot(
             title=title, run_id=None, status="waiting for a run", step=0, max_steps=max_steps, epoch=0,
@@ -83,6 +83,8 @@ async def read_snapshot(
         state = r["state"]
         if state != "offline" and r["last_seen_s"] > STALE_AFTER_S:
             state = "stale"
+        if r["quarantined"]:
+            state = "quarantined"  # gets no more units: its results were refused or disagreed
         alive = max(1e-6, float(r["alive_s"] or 0))
         workers.append(WorkerRow(
             name=printable(r["name"], 64), device=printable(r["device"], 32), state=state,
@@ -209,10 +211,10 @@ class SnapshotFeeder:
 
     async def _refresh_sample(self, db: Database) -> None:
         """Faces from the newest published weights (read-only views have no model of their own)."""
-        run = await db.fetchrow("active_run") or await db.fetchrow("latest_run")
+        run = await db.fetchrow("view_active_run") or await db.fetchrow("view_latest_run")
         if run is None or (run["id"], run["step"]) == self._sample_version:
             return
-        blob = await db.fetchval("weights_payload", run["id"], run["step"])
+        blob = await db.fetchval("view_weights", run["id"], run["step"])
         if blob is None:
             return
         seed = TrainConfig.from_json(run["config"]).seed

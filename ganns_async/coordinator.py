@@ -56,6 +56,7 @@ from ganns_async.training import (
     StepAccumulator,
     TrainConfig,
     Trainer,
+    gradient_spec,
     plan_unit,
 )
 from ganns_async.waiting import wait_event
@@ -85,6 +86,7 @@ class CoordinatorOptions:
     hf_push_every: int | None = None  # steps between pushes [default: checkpoint_every]
     hf_private: bool = False
     sweep_s: float = 15.0
+    spot_check: float = 0.05  # share of results checked by a copy (plus each worker's first ones)
 
 
 @dataclass
@@ -169,9 +171,13 @@ class Coordinator:
             else:
                 await self._start_new()
             assert self.run_id is not None
+            # The largest blob a worker may store (the server refuses bigger ones before the
+            # coordinator ever reads them).
+            budget = codec.spec_budget(gradient_spec(self.trainer.g, self.trainer.d))
+            await self.store.set_max_payload(self.run_id, budget + budget // 64 + 4096)
             self.intake = GradientIntake(self.store, self.book, run_id=self.run_id, trainer=self.trainer,
                                          config=self.cfg, fold_thread=self._executor,
-                                         event=self._event)
+                                         event=self._event, spot_check=opts.spot_check)
             self.evaluator = Evaluator(self.dataset, n=opts.eval_n, seed=self.cfg.seed, train=self._executor,
                                        record=self._record_swd)
             if opts.eval_every and not opts.resume:
@@ -320,6 +326,7 @@ class Coordinator:
             self.images_seen = run.images_seen
             self.book = self._new_book(version, run.next_seq)
             self.book.queued(await self.store.queued_rounds(run.id, version))
+            await self.store.delete_replicas(run.id)  # what they were to check was in the lost memory
             requeued = await self.store.requeue_lost_units(run.id, version)
             rounds = await self._rounds_to_queue(version)
             await self.store.reopen(run.id, step=version, units=self._plan(rounds, version),

@@ -53,7 +53,7 @@ class WorkerRow:
 
     name: str
     device: str  # e.g. "cpu", "cuda", "cuda:0"
-    state: str  # "idle" | "computing" | "uploading" | "stale" | "offline"
+    state: str  # "idle" | "computing" | "uploading" | "stale" | "offline" | "quarantined"
     units_done: int
     images_done: int
     images_per_s: float  # recent rate, 0 if unknown
@@ -151,6 +151,7 @@ _WORKER_STATE_STYLES = {
     "uploading": "cyan",
     "idle": "white",
     "stale": "yellow",
+    "quarantined": "bold red",
     "offline": "grey50",
     "waiting": "grey50",
     "paused": "yellow",
@@ -173,6 +174,7 @@ _EVENT_STYLES = {
     "rejected": "bold red",
     "requeue": "yellow",
     "stale": "yellow",
+    "quarantined": "bold red",
     "join": "green",
     "leave": "dim",
     "step": "blue",

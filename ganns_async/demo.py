@@ -50,14 +50,21 @@ def run_demo(opts: DemoOptions) -> None:
         return
     _say("starting an embedded PostgreSQL ...")
     with embedded_postgres() as url:
-        _run_cluster(opts, url, started)
+        _run_cluster(opts, url, started, logins=True)
 
 
-def _run_cluster(opts: DemoOptions, url: str, started: float) -> None:
+def _run_cluster(opts: DemoOptions, url: str, started: float, *, logins: bool = False) -> None:
     from ganns_async.migrate import migrate
 
     applied = asyncio.run(migrate(url))
     _say(f"database ready ({', '.join(applied) if applied else 'already migrated'})")
+    # As in a class: the coordinator logs in as an instructor, each worker as a student of its
+    # own (the embedded server trusts its local socket, so they need no password). With
+    # --db, everything runs as the URL's user (logins are server-wide; see db add-student).
+    coord_url, worker_urls = url, [url] * opts.workers
+    if logins:
+        coord_url, worker_urls = asyncio.run(_class_logins(url, opts.workers))
+        _say(f"logins: demo_instructor (ganns_coordinator), demo_student_1..{opts.workers} (ganns_worker)")
     data = opts.data
     if data is None:
         from ganns_async.data import write_synthetic
@@ -74,7 +81,7 @@ def _run_cluster(opts: DemoOptions, url: str, started: float) -> None:
     # Each process gets an equal share of the cores, so they do not fight over them.
     threads = max(1, (os.cpu_count() or 2) // max(1, opts.workers))
     base = [sys.executable, "-m", "ganns_async"] + (["--debug"] if opts.debug else [])
-    env = {**os.environ, "GANNS_DB_URL": url, "GANNS_DATA": data, "GANNS_NO_TUI": "1"}
+    env = {**os.environ, "GANNS_DB_URL": coord_url, "GANNS_DATA": data, "GANNS_NO_TUI": "1"}
     # About eight sample grids and SWD points over the run, whatever its length: evaluating
     # 512 images costs the coordinator seconds of CPU that the workers would rather have.
     every = str(max(1, opts.max_steps // 8))
@@ -99,9 +106,11 @@ def _run_cluster(opts: DemoOptions, url: str, started: float) -> None:
         coord = subprocess.Popen(coordinator_cmd, env=coord_env)
         procs.append(("coordinator", coord))
         for i in range(opts.workers):
-            cmd = base + ["worker", "--name", f"demo-worker-{i + 1}", "--threads", str(threads)]
+            name = f"demo_student_{i + 1}" if logins else f"demo-worker-{i + 1}"
+            cmd = base + ["worker", "--name", name, "--threads", str(threads)]
             out = open(logs / f"worker-{i + 1}.log", "wb") if dashboard else None  # noqa: SIM115
-            procs.append((f"worker {i + 1}", subprocess.Popen(cmd, env=env, stdout=out, stderr=out)))
+            worker_env = {**env, "GANNS_DB_URL": worker_urls[i]}
+            procs.append((f"worker {i + 1}", subprocess.Popen(cmd, env=worker_env, stdout=out, stderr=out)))
         while coord.poll() is None:
             for name, proc in procs[1:]:
                 if proc.poll() is not None and proc.returncode != 0:
@@ -127,6 +136,15 @@ def _run_cluster(opts: DemoOptions, url: str, started: float) -> None:
     if len(swd) >= 2:
         (s0, v0), (s1, v1) = swd[0], swd[-1]
         _say(f"quality:      SWD x1e3 {v0:.1f} at step {s0} -> {v1:.1f} at step {s1} (lower is better)")
+
+
+async def _class_logins(url: str, workers: int) -> tuple[str, list[str]]:
+    from ganns_async.logins import add_login
+
+    coordinator = await add_login(url, "demo_instructor", "instructor", generate_password=False)
+    students = [await add_login(url, f"demo_student_{i + 1}", "student", generate_password=False)
+                for i in range(workers)]
+    return coordinator, students
 
 
 async def _swd_curve(url: str) -> list[tuple[int, float]]:

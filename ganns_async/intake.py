@@ -12,10 +12,13 @@ import asyncio
 import concurrent.futures
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ganns_async import codec
 from ganns_async.errors import PayloadError
+from ganns_async.replication import EXACT_TOLERANCE, LOCAL_TOLERANCE, SpotCheck, compare
+from ganns_async.screening import Norms, ResultScreen
 from ganns_async.steps import Admission, StepBook
 from ganns_async.store import CoordinatorStore, GradientRow
 from ganns_async.training import (
@@ -28,15 +31,26 @@ from ganns_async.training import (
 )
 
 MAX_UNIT_ATTEMPTS = 3  # a unit whose gradient was rejected this often is given up on
+QUARANTINE_AFTER = 3   # results refused (or units reported unusable) before a worker gets no more units
 # Gradients fetched and decoded at once: enough to overlap network, zstd and float64
 # summing; each in flight holds one blob and its decoded tensors (about 50 MB).
 PARALLEL_FETCHES = max(2, min(4, os.cpu_count() or 2))
+LOGIN_ONLINE_S = 60.0  # a login with a worker seen this recently can compute a copy
+
+
+@dataclass(frozen=True)
+class Held:
+    """A checked result waiting for a copy of its unit to agree with it."""
+
+    row: GradientRow
+    result: UnitResult
+    norms: Norms
 
 
 class GradientIntake:
     def __init__(self, store: CoordinatorStore, book: StepBook, *, run_id: int, trainer: Any, config: TrainConfig,
                  fold_thread: concurrent.futures.Executor,
-                 event: Callable[[str, str], Awaitable[None]]) -> None:
+                 event: Callable[[str, str], Awaitable[None]], spot_check: float = 0.0) -> None:
         self.store = store
         self.book = book
         self.run_id = run_id
@@ -51,11 +65,20 @@ class GradientIntake:
         self._slots = asyncio.Semaphore(PARALLEL_FETCHES)
         self._in_flight: set[int] = set()  # gradient ids being fetched or decoded
         self._acc: dict[int, StepAccumulator] = {}
+        self.screen = ResultScreen()
+        self.spot = SpotCheck(rate=spot_check, seed=config.seed)
+        self.tolerance = LOCAL_TOLERANCE if config.local else EXACT_TOLERANCE
+        self._held: dict[int, list[Held]] = {}  # unit id -> results waiting for a copy to agree
+        self.replicated = 0
+        self.disagreements = 0
         self.stale_dropped = 0
         self.rejected = 0
 
     def take(self, step: int) -> StepAccumulator:
-        """The closing step's sums (empty if nothing arrived); forgotten here."""
+        """The closing step's sums (empty if nothing arrived); forgotten here, with any of its
+        results still waiting for a copy (the step closed without them)."""
+        for unit_id in [u for u, held in self._held.items() if held[0].row.step <= step]:
+            del self._held[unit_id]
         return self._acc.pop(step, None) or StepAccumulator(step)
 
     def peek(self, step: int) -> StepAccumulator:
@@ -63,6 +86,9 @@ class GradientIntake:
 
     async def drain(self) -> None:
         """Fetch, decode and fold every stored gradient, several at once."""
+        for unit_id, step, seq in await self.store.cancelled_units(self.run_id, self.book.step):
+            if self.book.planned(step, seq):  # a unit planted by hand is no part of any round
+                self.book.give_up(step, unit_id)  # reported unusable by workers; cancelled by the server
         takes = []
         for g in await self.store.pending_gradients(self.run_id):
             if g.id in self._in_flight:
@@ -95,22 +121,91 @@ class GradientIntake:
                 try:
                     if blob is None:
                         raise PayloadError("gradient row vanished")
-                    result = await loop.run_in_executor(self._decoders, self._decode, blob, g.n_samples)
+                    result, norms = await loop.run_in_executor(self._decoders, self._decode, blob, g.n_samples)
                 except PayloadError as exc:
                     await self._reject(g, str(exc))
                     return
                 del blob
-                acc = self._acc.get(g.step)
-                if acc is None:
-                    acc = self._acc[g.step] = StepAccumulator(g.step)
-                # Summing 6M floats is work for the train thread, not the event loop. Still
-                # inside the slot, so at most PARALLEL_FETCHES decoded gradients wait in memory.
-                await loop.run_in_executor(self._fold_thread, acc.add, g.unit_id, result, g.worker_id)
+                if g.replica_of is not None:
+                    await self._check_copy(g, Held(g, result, norms))
+                    return
+                # A copy must go to another login: with one login online nobody could check.
+                if self.spot.wanted(g.worker_id) and await self.store.logins_online(self.run_id, LOGIN_ONLINE_S) >= 2:
+                    # Held until a copy computed by another login agrees (replication).
+                    self._held[g.unit_id] = [Held(g, result, norms)]
+                    self.replicated += 1
+                    await self.store.replicate(g, g.unit_id)
+                    return
+                # Inside the slot: at most PARALLEL_FETCHES decoded results wait in memory.
+                await self._fold(g.step, g.unit_id, Held(g, result, norms))
                 del result
-            self.book.folded(g.step, g.unit_id)
             await self.store.consume_gradient(g)
         finally:
             self._in_flight.discard(g.id)
+
+    async def _fold(self, step: int, unit_id: int, held: Held) -> None:
+        """Count ``held`` as unit ``unit_id``'s result."""
+        acc = self._acc.get(step)
+        if acc is None:
+            acc = self._acc[step] = StepAccumulator(step)
+        # Summing 6M floats is work for the train thread, not the event loop.
+        await asyncio.get_running_loop().run_in_executor(self._fold_thread, acc.add, unit_id, held.result,
+                                                         held.row.worker_id)
+        self.screen.accept(held.norms)
+        self.book.folded(step, unit_id)
+
+    async def _check_copy(self, g: GradientRow, copy: Held) -> None:
+        """A copy's result arrived: the original counts once they agree; if they do not, a
+        third worker decides, and a worker whose result agrees with neither other is
+        quarantined."""
+        original = g.replica_of
+        assert original is not None
+        held = self._held.get(original)
+        if held is None:  # its step closed, or this coordinator restarted: nothing to check
+            await self.store.consume_gradient(g)
+            return
+        first = held[0]
+        agreement = compare(first.result, copy.result)
+        if len(held) == 1:
+            if agreement.within(self.tolerance):
+                del self._held[original]
+                self.spot.confirmed(first.row.worker_id)
+                self.spot.confirmed(g.worker_id)
+                await self._fold(first.row.step, original, first)
+                await self.store.consume_gradient(g)
+                return
+            self.disagreements += 1
+            if await self.store.logins_online(self.run_id, LOGIN_ONLINE_S) < 3:
+                del self._held[original]
+                await self.store.consume_gradient(g)
+                self.book.give_up(first.row.step, original)
+                await self._event("replica", f"unit {original}: the results of {first.row.who} and {g.who} "
+                                             f"disagree ({agreement.describe()}) and no third login is online to "
+                                             "decide; the step goes on without it")
+                return
+            held.append(copy)
+            await self.store.replicate(g, original)
+            await self._event("replica", f"unit {original}: the results of {first.row.who} and {g.who} disagree "
+                                         f"({agreement.describe()}); a third worker decides")
+            return
+        second = held[1]
+        del self._held[original]
+        await self.store.consume_gradient(g)
+        with_first = agreement.within(self.tolerance)
+        with_second = compare(second.result, copy.result).within(self.tolerance)
+        if with_first and with_second:
+            await self._fold(first.row.step, original, first)
+        elif not with_first and not with_second:
+            self.book.give_up(first.row.step, original)
+            await self._event("replica", f"unit {original}: three results, no two agree; the step goes on without it")
+        else:
+            good, bad = (first, second) if with_first else (second, first)
+            await self._fold(good.row.step, original, good)
+            if bad.row.worker_id is not None:
+                await self.store.quarantine_now(bad.row.worker_id, f"its result for unit {original} disagreed "
+                                                                   "with two other workers")
+            await self._event("quarantine", f"{bad.row.who} is quarantined: its result for unit {original} "
+                                            f"disagreed with those of {good.row.who} and {g.who}")
 
     async def _reject(self, g: GradientRow, reason: str) -> None:
         self.rejected += 1
@@ -118,25 +213,33 @@ class GradientIntake:
         if state == "cancelled":
             self.book.give_up(g.step, g.unit_id)  # first: the step must not wait for it whatever happens next
         await self._event("rejected", f"gradient from {g.who} for unit {g.unit_id} rejected: {reason}")
+        if g.worker_id is not None and await self.store.quarantine(g.worker_id, QUARANTINE_AFTER,
+                                                                   f"{QUARANTINE_AFTER} results refused"):
+            await self._event("quarantine", f"{g.who} is quarantined: {QUARANTINE_AFTER} of its results were "
+                                            "refused; it gets no more units")
         if state == "cancelled":
             await self._event("rejected", f"unit {g.unit_id} gave bad gradients {MAX_UNIT_ATTEMPTS} times; "
                                           "step goes on without it")
 
-    def _decode(self, blob: bytes, n_samples: int) -> UnitResult:
+    def _decode(self, blob: bytes, n_samples: int) -> tuple[UnitResult, Norms]:
         """On a decoder thread: everything a worker sent is checked before it counts."""
         tensors, meta = codec.decode_tensors(blob, expected=self._spec)
         if meta.get("n_samples") != n_samples:
             raise PayloadError(f"payload says {meta.get('n_samples')!r} samples, row says {n_samples}")
         if n_samples > self.unit_size:
             raise PayloadError(f"{n_samples} samples in a unit of {self.unit_size}")
+        if n_samples <= 0:
+            raise PayloadError("an empty unit (0 samples) counts for nothing")
         metrics = meta.get("metrics") or {}
         if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
             raise PayloadError("metrics must be a map of numbers")
         result = split_result(tensors, self._g, self._d, n_samples, metrics)
         why = check_result(result, self.cfg)
+        if why is None:
+            why, norms = self.screen.check(result)
         if why is not None:
             raise PayloadError(why)
-        return result
+        return result, norms
 
     def close(self) -> None:
         self._decoders.shutdown(wait=False, cancel_futures=True)

@@ -36,6 +36,13 @@ SELECT * FROM runs ORDER BY id DESC LIMIT 1;
 -- The run workers should join: the newest one that is not over.
 SELECT * FROM runs WHERE status IN ('running', 'paused') ORDER BY id DESC LIMIT 1;
 
+-- name: set_max_payload
+UPDATE runs SET max_payload = $2 WHERE id = $1;
+
+-- name: cancelled_units
+SELECT id, step, seq FROM work_units
+ WHERE run_id = $1 AND step >= $2 AND state = 'cancelled' AND replica_of IS NULL;
+
 -- name: set_run_status
 UPDATE runs SET status = $2, updated_at = now() WHERE id = $1 RETURNING *;
 
@@ -63,8 +70,9 @@ UPDATE runs
  WHERE id = $1;
 -- name: retarget_pending_units
 -- Units nobody has started yet are computed on the newest weights instead.
+-- A replica keeps its version: it checks a result computed on that version.
 UPDATE work_units SET version = $2
- WHERE run_id = $1 AND state = 'pending' AND version < $2;
+ WHERE run_id = $1 AND state = 'pending' AND version < $2 AND replica_of IS NULL;
 
 -- name: insert_units
 -- One statement for the whole batch: the trigger sends one notification.
@@ -124,7 +132,7 @@ SELECT count(*) FROM workers
 -- name: queued_rounds
 -- The rounds planned from step $2 on: where each starts in the schedule and how wide it is.
 SELECT step, min(seq) AS start, count(*) AS width FROM work_units
- WHERE run_id = $1 AND step >= $2
+ WHERE run_id = $1 AND step >= $2 AND replica_of IS NULL
  GROUP BY step ORDER BY step;
 -- name: prune_units
 DELETE FROM work_units
@@ -165,7 +173,7 @@ RETURNING u.id, u.step, e.worker_id, w.name AS worker_name;
 
 -- name: pending_gradients
 SELECT g.id, g.unit_id, g.worker_id, g.version, g.n_samples,
-       u.step, u.state AS unit_state, u.version AS unit_version, w.name AS worker_name
+       u.step, u.state AS unit_state, u.version AS unit_version, u.replica_of, w.name AS worker_name
   FROM gradients AS g
   JOIN work_units AS u ON u.id = g.unit_id
   LEFT JOIN workers AS w ON w.id = g.worker_id
@@ -184,12 +192,42 @@ UPDATE work_units SET state = 'used' WHERE id = $2;
 -- failed $6 times already: a unit that always yields a bad gradient is given up on, so it
 -- cannot keep the whole class busy recomputing it.
 WITH gone AS (DELETE FROM gradients WHERE id = $1),
-     logged AS (INSERT INTO rejections (run_id, unit_id, worker_id, reason) VALUES ($3, $2, $4, $5))
+     logged AS (INSERT INTO rejections (run_id, unit_id, worker_id, reason) VALUES ($3, $2, $4, $5)),
+     counted AS (UPDATE workers SET refused = refused + 1 WHERE id = $4)
 UPDATE work_units
    SET state = CASE WHEN attempts >= $6 THEN 'cancelled' ELSE 'pending' END,
        worker_id = NULL, lease_until = NULL
  WHERE id = $2
 RETURNING state;
+
+-- name: insert_replica
+-- A copy of a unit whose result is to be checked (the insert trigger wakes the workers;
+-- ganns_api.claim keeps it from whoever computed the original).
+INSERT INTO work_units (run_id, seq, step, version, epoch, indices, noise_seed, replica_of)
+SELECT run_id, seq, step, version, epoch, indices, noise_seed, id FROM work_units WHERE id = $1
+RETURNING id;
+
+-- name: logins_online
+-- How many logins could check each other's results (a copy goes to another login).
+SELECT count(DISTINCT login) FROM workers
+ WHERE run_id = $1 AND state <> 'offline' AND quarantined_at IS NULL
+   AND last_seen > now() - make_interval(secs => $2);
+
+-- name: delete_replicas
+-- On resume the results they were to check are gone (their units are recomputed anyway).
+DELETE FROM work_units WHERE run_id = $1 AND replica_of IS NOT NULL;
+
+-- name: quarantine_now
+-- A worker whose result disagreed with two others'.
+UPDATE workers SET refused = refused + 1, quarantined_at = coalesce(quarantined_at, now()),
+       quarantine_reason = coalesce(quarantine_reason, $2)
+ WHERE id = $1;
+
+-- name: quarantine_worker
+-- A worker whose results keep being refused gets no more units (ganns_api.claim checks).
+UPDATE workers SET quarantined_at = now(), quarantine_reason = $3
+ WHERE id = $1 AND quarantined_at IS NULL AND refused >= $2
+RETURNING id;
 
 -- name: drop_gradient
 -- Its step already closed: too stale to count.
@@ -213,14 +251,28 @@ INSERT INTO events (run_id, kind, message) VALUES ($1, $2, $3);
 
 -- name: recent_events
 SELECT kind, message, extract(epoch FROM now() - created_at)::float8 AS age_s
-  FROM events WHERE run_id = $1 ORDER BY id DESC LIMIT $2;
+  FROM ganns_view.events WHERE run_id = $1 ORDER BY id DESC LIMIT $2;
+
+-- Dashboards read the ganns_view views (sql/003_roles.sql), which any role may read.
+
+-- name: view_run
+SELECT * FROM ganns_view.runs WHERE id = $1;
+
+-- name: view_active_run
+SELECT * FROM ganns_view.runs WHERE status IN ('running', 'paused') ORDER BY id DESC LIMIT 1;
+
+-- name: view_latest_run
+SELECT * FROM ganns_view.runs ORDER BY id DESC LIMIT 1;
+
+-- name: view_weights
+SELECT payload FROM ganns_view.weights WHERE run_id = $1 AND version = $2;
 
 -- name: dashboard_workers
 -- Workers of a run, plus workers waiting for one; ages computed by the server's clock.
-SELECT id, name, device, state, units_done, images_done,
+SELECT id, name, device, state, units_done, images_done, quarantined,
        extract(epoch FROM now() - last_seen)::float8 AS last_seen_s,
        extract(epoch FROM last_seen - joined_at)::float8 AS alive_s
-  FROM workers
+  FROM ganns_view.workers
  WHERE run_id = $1 OR (run_id IS NULL AND state <> 'offline')
  ORDER BY images_done DESC, id;
 
@@ -228,64 +280,47 @@ SELECT id, name, device, state, units_done, images_done,
 SELECT step, g_loss, d_loss, d_x, d_g_z, swd, images,
        extract(epoch FROM created_at)::float8 AS at,
        extract(epoch FROM now() - created_at)::float8 AS age_s
-  FROM (SELECT * FROM metrics WHERE run_id = $1 ORDER BY step DESC LIMIT $2) AS recent
+  FROM (SELECT * FROM ganns_view.metrics WHERE run_id = $1 ORDER BY step DESC LIMIT $2) AS recent
  ORDER BY step;
 
 -- name: ping
 SELECT 1;
 
--- name: register_worker
-INSERT INTO workers (name, hostname, device, cpu_info, gpu_info)
-VALUES ($1, $2, $3, $4, $5)
-RETURNING id;
+-- Workers act only through the ganns_api functions (sql/003_roles.sql): a student's
+-- login has no table privileges, and the functions bind every row to session_user.
 
--- name: worker_heartbeat
-UPDATE workers SET last_seen = now(), state = $2, run_id = $3 WHERE id = $1;
+-- name: api_active_run
+SELECT * FROM ganns_api.active_run();
 
--- name: worker_offline
-UPDATE workers SET last_seen = now(), state = 'offline' WHERE id = $1;
+-- name: api_register
+SELECT * FROM ganns_api.register($1, $2, $3, $4, $5);
 
--- name: extend_lease
-UPDATE work_units SET lease_until = now() + make_interval(secs => $3)
- WHERE id = $1 AND worker_id = $2 AND state = 'claimed'
-RETURNING id;
+-- name: api_heartbeat
+SELECT ganns_api.heartbeat($1, $2, $3);
 
--- name: claim_unit
--- SKIP LOCKED: concurrent claimers never wait on, or double-claim, the same row.
-UPDATE work_units
-   SET state = 'claimed', worker_id = $2, lease_until = now() + make_interval(secs => $3),
-       claimed_at = now(), attempts = attempts + 1
- WHERE id = (SELECT id FROM work_units
-              WHERE run_id = $1 AND state = 'pending'
-              ORDER BY id
-              LIMIT 1
-              FOR UPDATE SKIP LOCKED)
-   AND state = 'pending'
-RETURNING id, run_id, seq, step, version, epoch, indices, noise_seed,
-          -- which publication of the version: a rewound run publishes it again, maybe different
-          (SELECT w.created_at FROM weights AS w
-            WHERE w.run_id = work_units.run_id AND w.version = work_units.version) AS weights_at;
+-- name: api_leave
+SELECT * FROM ganns_api.leave($1);
 
--- name: mark_unit_done
--- Only the lease holder may finish a unit; a lost lease returns no row.
-UPDATE work_units SET state = 'done', done_at = now(), lease_until = NULL
- WHERE id = $1 AND worker_id = $2 AND state = 'claimed'
-RETURNING run_id, version;
+-- name: api_claim
+SELECT * FROM ganns_api.claim($1, $2, $3);
 
--- name: insert_gradient
-INSERT INTO gradients (unit_id, run_id, worker_id, version, n_samples, payload)
-VALUES ($1, $2, $3, $4, $5, $6);
+-- name: api_extend_lease
+SELECT ganns_api.extend_lease($1, $2, $3);
 
--- name: credit_worker
-UPDATE workers
-   SET units_done = units_done + 1, images_done = images_done + $2, last_seen = now()
- WHERE id = $1;
+-- name: api_release
+SELECT ganns_api.release($1, $2);
 
--- name: release_my_units
--- On exit: whatever this worker still holds goes back, even a claim it never saw answered.
-UPDATE work_units SET state = 'pending', worker_id = NULL, lease_until = NULL
- WHERE worker_id = $1 AND state = 'claimed'
-RETURNING id;
+-- name: api_weights
+SELECT ganns_api.weights($1, $2);
+
+-- name: api_submit
+SELECT ganns_api.submit($1, $2, $3, $4);
+
+-- name: api_report_unusable
+SELECT ganns_api.report_unusable($1, $2, $3);
+
+-- name: api_rank
+SELECT * FROM ganns_api.rank($1);
 
 -- name: pause_run
 -- Only a running run is paused: a newer coordinator may have taken over or stopped it.
@@ -295,15 +330,9 @@ UPDATE runs SET status = 'paused', updated_at = now() WHERE id = $1 AND status =
 -- One coordinator per run: a session-level lock held on a dedicated connection.
 SELECT pg_try_advisory_lock(72184555, $1::integer);
 
--- name: release_unit
-UPDATE work_units SET state = 'pending', worker_id = NULL, lease_until = NULL
- WHERE id = $1 AND worker_id = $2 AND state = 'claimed';
-
--- name: worker_rank
-SELECT (SELECT count(*) FROM workers WHERE run_id = $1 AND images_done > me.images_done) + 1 AS rank,
-       (SELECT count(*) FROM workers WHERE run_id = $1 AND state <> 'offline') AS total
-  FROM workers AS me
- WHERE me.id = $2;
-
 -- name: workers_for_run
 SELECT * FROM workers WHERE run_id = $1 ORDER BY id;
+
+-- name: add_login
+-- Needs CREATEROLE: see sql/003_roles.sql (ganns_admin.add_login).
+SELECT ganns_admin.add_login($1, $2, $3);

@@ -67,6 +67,11 @@ class StepBook:
     def folded(self, unit_step: int, unit_id: int) -> None:
         self._arrived.setdefault(unit_step, set()).add(unit_id)
 
+    def planned(self, step: int, seq: int) -> bool:
+        """Whether schedule position ``seq`` is one of the units planned for ``step``."""
+        r = self._rounds.get(step)
+        return r is not None and r.start <= seq < r.start + r.width
+
     def give_up(self, unit_step: int, unit_id: int) -> None:
         """A unit rejected too often: its step goes on without it."""
         self._given_up.setdefault(unit_step, set()).add(unit_id)

@@ -63,6 +63,7 @@ class GradientRow:
     n_samples: int
     step: int
     unit_state: str
+    replica_of: int | None = None  # this unit is a copy checking that unit's result
 
     @property
     def who(self) -> str:
@@ -123,6 +124,15 @@ class CoordinatorStore:
         row = await self.db.fetchrow("create_run", config_json, fingerprint, size)
         assert row is not None
         return RunRow.of(row)
+
+    async def set_max_payload(self, run_id: int, max_bytes: int) -> None:
+        await self.db.execute("set_max_payload", run_id, max_bytes)
+
+    async def cancelled_units(self, run_id: int, from_step: int) -> list[tuple[int, int, int]]:
+        """``(unit id, step, seq)`` of cancelled units of open steps: the server cancels a
+        unit that workers reported unusable, and the round must stop waiting for it."""
+        return [(int(r["id"]), int(r["step"]), int(r["seq"]))
+                for r in await self.db.fetch("cancelled_units", run_id, from_step)]
 
     async def set_status(self, run_id: int, status: str) -> None:
         await self.db.execute("set_run_status", run_id, status)
@@ -187,7 +197,7 @@ class CoordinatorStore:
     async def pending_gradients(self, run_id: int) -> list[GradientRow]:
         rows = await self.db.fetch("pending_gradients", run_id)
         return [GradientRow(int(r["id"]), int(r["unit_id"]), r["worker_id"], r["worker_name"], int(r["version"]),
-                            int(r["n_samples"]), int(r["step"]), r["unit_state"]) for r in rows]
+                            int(r["n_samples"]), int(r["step"]), r["unit_state"], r["replica_of"]) for r in rows]
 
     async def gradient_payload(self, gradient_id: int) -> bytes | None:
         return await self.db.fetchval("gradient_payload", gradient_id)
@@ -201,6 +211,28 @@ class CoordinatorStore:
     async def reject_gradient(self, run_id: int, g: GradientRow, reason: str, max_attempts: int) -> str | None:
         """Returns the unit's new state: 'pending' (recompute) or 'cancelled' (given up)."""
         return await self.db.fetchval("reject_gradient", g.id, g.unit_id, run_id, g.worker_id, reason, max_attempts)
+
+    async def replicate(self, g: GradientRow, unit_id: int) -> int:
+        """Take ``g`` out of the table (its result is held in memory) and queue a copy of
+        ``unit_id`` for another worker, atomically; returns the copy's id."""
+        async with self.db.transaction() as tx:
+            replica = int(await tx.fetchval("insert_replica", unit_id))
+            await tx.execute("consume_gradient", g.id, g.unit_id)
+        return replica
+
+    async def logins_online(self, run_id: int, within_s: float) -> int:
+        return int(await self.db.fetchval("logins_online", run_id, within_s))
+
+    async def delete_replicas(self, run_id: int) -> None:
+        await self.db.execute("delete_replicas", run_id)
+
+    async def quarantine_now(self, worker_id: int, reason: str) -> None:
+        await self.db.execute("quarantine_now", worker_id, reason)
+
+    async def quarantine(self, worker_id: int, after_refused: int, reason: str) -> bool:
+        """Quarantine the worker once ``after_refused`` of its results were refused; True
+        when it happened now."""
+        return await self.db.fetchval("quarantine_worker", worker_id, after_refused, reason) is not None
 
     # closing a step
     async def publish_step(self, run_id: int, *, version: int, partial_step: int | None,
@@ -253,55 +285,57 @@ class CoordinatorStore:
 
 
 class WorkerStore:
-    """Everything a worker reads and writes."""
+    """Everything a worker reads and writes, through the ganns_api functions only: a
+    student's login may call nothing else (sql/003_roles.sql)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
     async def active_run(self) -> RunRow | None:
-        row = await self.db.fetchrow("active_run")
+        row = await self.db.fetchrow("api_active_run")
         return RunRow.of(row) if row else None
 
-    async def register(self, name: str, hostname: str, device: str, cpu: str | None, gpu: str | None) -> int:
-        return int(await self.db.fetchval("register_worker", name, hostname, device, cpu, gpu))
+    async def register(self, label: str, hostname: str, device: str, cpu: str | None,
+                       gpu: str | None) -> tuple[int, str]:
+        """A worker row for this login: ``(id, name)``. A student's worker is named after the
+        login (plus ``label``), whatever it asked for."""
+        r = await self.db.fetchrow("api_register", label, hostname, device, cpu, gpu)
+        assert r is not None
+        return int(r["worker_id"]), str(r["worker_name"])
 
-    async def heartbeat(self, worker_id: int, state: str, run_id: int | None) -> None:
-        await self.db.execute("worker_heartbeat", worker_id, state, run_id)
+    async def heartbeat(self, worker_id: int, state: str, run_id: int | None) -> str | None:
+        """Returns why the coordinator quarantined this worker (it gets no more units), or None."""
+        return await self.db.fetchval("api_heartbeat", worker_id, state, run_id)
 
-    async def offline(self, worker_id: int) -> None:
-        await self.db.execute("worker_offline", worker_id)
+    async def leave(self, worker_id: int) -> list[int]:
+        """Give back every unit held, go offline, log the goodbye; returns the units released."""
+        return [int(r[0]) for r in await self.db.fetch("api_leave", worker_id)]
 
     async def claim(self, run_id: int, worker_id: int, lease_s: float) -> UnitRow | None:
-        r = await self.db.fetchrow("claim_unit", run_id, worker_id, lease_s)
+        r = await self.db.fetchrow("api_claim", worker_id, run_id, lease_s)
         if r is None:
             return None
         return UnitRow(int(r["id"]), int(r["run_id"]), int(r["seq"]), int(r["step"]), int(r["version"]),
                        int(r["epoch"]), tuple(r["indices"]), int(r["noise_seed"]), r["weights_at"])
 
     async def extend_lease(self, unit_id: int, worker_id: int, lease_s: float) -> bool:
-        return await self.db.fetchval("extend_lease", unit_id, worker_id, lease_s) is not None
+        return bool(await self.db.fetchval("api_extend_lease", worker_id, unit_id, lease_s))
 
     async def weights(self, run_id: int, version: int) -> bytes | None:
-        return await self.db.fetchval("weights_payload", run_id, version)
+        return await self.db.fetchval("api_weights", run_id, version)
 
-    async def submit(self, unit: UnitRow, worker_id: int, n_samples: int, blob: bytes) -> bool:
-        """Store the gradient and mark the unit done, atomically; False if the lease was lost."""
-        async with self.db.transaction() as tx:
-            if await tx.fetchrow("mark_unit_done", unit.id, worker_id) is None:
-                return False
-            await tx.execute("insert_gradient", unit.id, unit.run_id, worker_id, unit.version, n_samples, blob)
-            await tx.execute("credit_worker", worker_id, n_samples)
-        return True
+    async def submit(self, unit: UnitRow, worker_id: int, n_samples: int, blob: bytes) -> str:
+        """Store the result and mark the unit done, atomically. Returns ``stored``, ``lost``
+        (the lease expired) or ``refused: why`` (over a server-side limit)."""
+        return str(await self.db.fetchval("api_submit", worker_id, unit.id, n_samples, blob))
+
+    async def report_unusable(self, unit: UnitRow, worker_id: int, reason: str) -> str:
+        """This unit cannot be computed here (bad indices...): someone else tries it."""
+        return str(await self.db.fetchval("api_report_unusable", worker_id, unit.id, reason))
 
     async def release(self, unit_id: int, worker_id: int) -> None:
-        await self.db.execute("release_unit", unit_id, worker_id)
+        await self.db.execute("api_release", worker_id, unit_id)
 
-    async def release_all(self, worker_id: int) -> list[int]:
-        return [int(r["id"]) for r in await self.db.fetch("release_my_units", worker_id)]
-
-    async def rank(self, run_id: int, worker_id: int) -> tuple[int, int] | None:
-        r = await self.db.fetchrow("worker_rank", run_id, worker_id)
-        return (int(r["rank"]), int(r["total"])) if r else None
-
-    async def event(self, run_id: int | None, kind: str, message: str) -> None:
-        await self.db.execute("insert_event", run_id, kind, message)
+    async def rank(self, worker_id: int) -> tuple[int, int] | None:
+        r = await self.db.fetchrow("api_rank", worker_id)
+        return (int(r["rank"]), int(r["total"])) if r and r["rank"] is not None else None

@@ -150,7 +150,7 @@ class Worker:
         after = self._db_state()
         if self._db_written != after:
             assert self.worker_id is not None
-            await self.store.heartbeat(self.worker_id, after, self._joined_run)
+            self._quarantined(await self.store.heartbeat(self.worker_id, after, self._joined_run))
             self._db_written = after
 
     async def _wait(self, timeout: float) -> None:
@@ -164,6 +164,13 @@ class Worker:
         if opts.threads:
             torch.set_num_threads(opts.threads)
         self.device = pick_device(opts.device)
+        if self.device.type == "cuda":
+            # Replication compares results: deterministic cuDNN kernels make two runs of a unit
+            # on the same kind of GPU bitwise equal, at no measurable cost at 32 local steps
+            # (H100: 1.23 vs 1.19-1.39 s a unit; scripts/bench_replica_tolerance.py). TF32 stays
+            # on: its difference from a CPU is inside the tolerance (see replication.py).
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
         from ganns_async.hub import resolve_data
 
         # `hf://OWNER/REPO/PATH` downloads once into the Hub cache (progress on stderr).
@@ -180,9 +187,10 @@ class Worker:
         self.store = WorkerStore(self.db)
         try:
             await require_migrated(self.db)
-            self.worker_id = await self.store.register(
+            self.worker_id, bound_name = await self.store.register(
                 self.status.name, socket.gethostname(), str(self.device), cpu_info(), gpu_info(self.device))
-            self._publish_status(device=str(self.device))
+            # A student's worker is named after its login by the server, whatever --name said.
+            self._publish_status(device=str(self.device), name=bound_name)
             log.info("worker %s (#%s) on %s joined; dataset %d images (%s)", self.status.name,
                      self.worker_id, self.device, len(self.dataset), self.dataset.fingerprint)
             self.listener = Listener(opts.db_url, [UNITS_CHANNEL, CONTROL_CHANNEL, WEIGHTS_CHANNEL],
@@ -206,15 +214,10 @@ class Worker:
         if db is not None:
             with contextlib.suppress(Exception):
                 if self.worker_id is not None:
-                    for unit_id in await asyncio.wait_for(self.store.release_all(self.worker_id), 5):
+                    # Gives back every claim, marks us offline and logs the goodbye, in one call.
+                    for unit_id in await asyncio.wait_for(self.store.leave(self.worker_id), 5):
                         log.info("released unit %s", unit_id)
                     self._unit = None
-            with contextlib.suppress(Exception):
-                if self.worker_id is not None:
-                    await asyncio.wait_for(self.store.offline(self.worker_id), 5)
-                if self._joined_run is not None:
-                    await asyncio.wait_for(self.store.event(
-                        self._joined_run, "leave", f"{self.status.name} left after {self.status.units_done} unit(s)"), 5)
         if self.listener is not None:
             await self.listener.close()
         if db is not None:
@@ -228,13 +231,20 @@ class Worker:
         while True:
             await asyncio.sleep(self.opts.heartbeat_s)
             try:
-                await self.store.heartbeat(self.worker_id, self._db_state(), self._joined_run)
+                self._quarantined(await self.store.heartbeat(self.worker_id, self._db_state(), self._joined_run))
                 unit = self._unit
                 if unit is not None and not await self.store.extend_lease(unit.id, self.worker_id, self.opts.lease_s):
                     log.warning("lost the lease on unit %s (it will be recomputed elsewhere)", unit.id)
             except Exception as exc:  # noqa: BLE001 - a dead heartbeat would silently lose every lease
                 log.warning("heartbeat failed: %s", exc)
                 self._publish_status(connection="reconnecting")
+
+    def _quarantined(self, reason: str | None) -> None:
+        """Say it once: a quarantined worker stays connected but gets no units."""
+        if reason and not self.status.message.startswith("quarantined"):
+            log.warning("this worker is quarantined by the coordinator (%s): it gets no more units; "
+                        "ask your instructor", printable(reason, 200))
+            self._publish_status(message=f"quarantined: {printable(reason, 200)}")
 
     async def _loop(self) -> None:
         delays = None
@@ -289,9 +299,9 @@ class Worker:
             )
         self._joined_run = run.id
         self._cfg = TrainConfig.from_json(run.config)
-        # Counted as the run's worker at once (dashboards, the next round's width).
+        # Counted as the run's worker at once (dashboards, the next round's width); the
+        # server logs the join.
         await self.store.heartbeat(self.worker_id, self._db_state(), run.id)
-        await self.store.event(run.id, "join", f"{self.status.name} joined on {self.device}")
         log.info("joined run %s", run.id)
 
     async def _process(self, run: RunRow, unit: UnitRow) -> None:
@@ -312,6 +322,14 @@ class Worker:
             log.warning("lost the lease on unit %s while downloading weights; leaving it to others", unit.id)
             return
         t_weights = time.perf_counter()
+        unusable = self._unusable(unit)
+        if unusable is not None:
+            # A bad unit must not take the worker down: say so, and let the coordinator decide.
+            log.warning("unit %s cannot be computed here: %s; reported it", unit.id, unusable)
+            self._unit = None
+            await self.store.report_unusable(unit, self.worker_id, unusable)
+            await self._set_state("idle", unit_id=None, unit_started=None)
+            return
         blob, n, bad, metrics = await self._in_thread(self._compute, list(unit.indices), unit.noise_seed)
         t_computed = time.perf_counter()
         if bad:
@@ -321,8 +339,13 @@ class Worker:
         # one query connection and would otherwise find the unit already done. (Ctrl-C
         # still gives back every claim: _shutdown releases by worker, not by this field.)
         self._unit = None
-        if not await self.store.submit(unit, self.worker_id, n, blob):
+        outcome = await self.store.submit(unit, self.worker_id, n, blob)
+        if outcome == "lost":
             log.warning("unit %s was taken back before we finished (lease expired); result dropped", unit.id)
+            return
+        if outcome != "stored":
+            log.warning("unit %s: the server %s", unit.id, printable(outcome, 300))
+            await self._set_state("idle", unit_id=None, unit_started=None)
             return
         elapsed = time.perf_counter() - started
         rate = n / elapsed if elapsed > 0 else 0.0
@@ -332,7 +355,7 @@ class Worker:
             images_done=self.status.images_done + n, images_per_s=rate,
             unit_started=None, last_unit_s=elapsed,
         )
-        ranked = await self.store.rank(run.id, self.worker_id)
+        ranked = await self.store.rank(self.worker_id)
         if ranked is not None:
             self._publish_status(rank=ranked[0], workers_total=ranked[1])
         log.info("unit %s (step %s, v%s): %d images in %.2fs (%.1f img/s; weights %.2fs, compute %.2fs, "
@@ -353,6 +376,21 @@ class Worker:
         await self._in_thread(load_state_tensors, self.g, self.d, tensors)
         self._held = key
         return True
+
+    def _unusable(self, unit: UnitRow) -> str | None:
+        """Why this unit cannot be computed on our dataset, or None. Units come from the
+        database: an index out of range would otherwise crash every worker that claims it."""
+        assert self.dataset is not None
+        n = len(self.dataset)
+        expected = self._cfg.images_per_unit
+        if not unit.indices or len(unit.indices) > expected:
+            return f"{len(unit.indices)} images in a unit of at most {expected}"
+        low, high = min(unit.indices), max(unit.indices)
+        if low < 0 or high >= n:
+            return f"image index {low if low < 0 else high} outside the dataset's 0..{n - 1}"
+        if not 0 <= unit.noise_seed < 2**63:
+            return f"noise seed {unit.noise_seed} out of range"
+        return None
 
     def _compute(self, indices: list[int], noise_seed: int) -> tuple[bytes, int, list[int], dict[str, float]]:
         """Runs on the compute thread: load images, forward/backward (H local steps on a copy

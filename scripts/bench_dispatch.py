@@ -2,7 +2,7 @@
 
 What is measured: for each work unit, the time from the COMMIT of its insert (the
 producer's autocommit ``insert_units`` statement has returned) to the moment a
-worker's ``claim_unit`` has returned that unit's row (matched by ``seq``).  Both
+worker's ``ganns_api.claim`` has returned that unit's row (matched by ``seq``).  Both
 timestamps are ``time.perf_counter()`` in this one process, so there is no clock skew.
 
 Two strategies run one after the other in ONE invocation against the same database,
@@ -26,7 +26,7 @@ runs the queries once (statement preparation is not measured).
 Reading the notify figures: PostgreSQL signals listeners as part of the commit, so the
 notification often reaches the claimer before the producer's client has processed its
 own commit reply; the claim then overlaps that reply and the measured latency can be
-below one claim round trip.  ``claim_unit`` is itself a committed UPDATE, so with
+below one claim round trip.  ``ganns_api.claim`` is itself a committed UPDATE, so with
 ``synchronous_commit=on`` its time includes a WAL flush: the notify tail mostly
 reflects the disk's fsync latency.
 
@@ -111,7 +111,7 @@ async def claim_notify(db: Database, url: str, run_id: int, worker_id: int, n: i
     try:
         while len(claimed) < n:
             wake.clear()  # clear first: a notification during the claim re-wakes us
-            row = await db.fetchrow("claim_unit", run_id, worker_id, LEASE_S)
+            row = await db.fetchrow("api_claim", worker_id, run_id, LEASE_S)
             if row is not None:
                 claimed[int(row["seq"])] = time.perf_counter()
                 continue
@@ -127,7 +127,7 @@ async def claim_poll(db: Database, run_id: int, worker_id: int, n: int, interval
                      claimed: dict[int, float], stats: dict[str, int]) -> None:
     stats["ready"] = 1
     while len(claimed) < n:
-        row = await db.fetchrow("claim_unit", run_id, worker_id, LEASE_S)
+        row = await db.fetchrow("api_claim", worker_id, run_id, LEASE_S)
         if row is not None:
             claimed[int(row["seq"])] = time.perf_counter()
             continue
@@ -178,8 +178,8 @@ async def warm_up(producer: Database, claimer: Database, worker_id: int) -> None
     run_id = await new_run(producer)
     for seq in range(3):
         await producer.execute("insert_units", run_id, unit_json(seq))
-        await claimer.fetchrow("claim_unit", run_id, worker_id, LEASE_S)
-    await claimer.fetchrow("claim_unit", run_id, worker_id, LEASE_S)  # the empty case too
+        await claimer.fetchrow("api_claim", worker_id, run_id, LEASE_S)
+    await claimer.fetchrow("api_claim", worker_id, run_id, LEASE_S)  # the empty case too
     await producer.execute("set_run_status", run_id, "done")
 
 
@@ -194,7 +194,7 @@ async def bench(url: str, args: argparse.Namespace, where: str, fresh: bool) -> 
             raise UserError(f"{where} already holds runs: --db must name an empty, disposable database")
         version = await producer.fetchval("server_version")
         worker_id = int(await producer.fetchval(
-            "register_worker", "bench-dispatch", socket.gethostname(), "cpu", "bench", None))
+            "api_register", "bench-dispatch", socket.gethostname(), "cpu", "bench", None))
         await warm_up(producer, claimer, worker_id)
 
         rng = random.Random(args.seed)
@@ -206,12 +206,12 @@ async def bench(url: str, args: argparse.Namespace, where: str, fresh: bool) -> 
             print(f"running {name}: {n} units ...", file=sys.stderr, flush=True)
             results[name] = await run_strategy(name, url, producer, claimer, worker_id,
                                                gaps[:n], args.poll_interval, rng)
-        await producer.execute("worker_offline", worker_id)
+        await producer.fetch("api_leave", worker_id)
     finally:
         await producer.close()
         await claimer.close()
 
-    print(f"dispatch latency: insert COMMIT -> claim_unit returned the row  "
+    print(f"dispatch latency: insert COMMIT -> claim returned the row  "
           f"({dt.datetime.now().astimezone().isoformat(timespec='seconds')})")
     print(f"PostgreSQL {version} at {where}; python {sys.version.split()[0]}, host {socket.gethostname()}")
     print(f"gap U(0, {args.gap:g}) s between inserts (seed {args.seed}), poll interval {args.poll_interval:g} s, "

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -107,3 +108,52 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, **k
         [sys.executable, "-m", "ganns_async", *args],
         capture_output=True, text=True, timeout=timeout, env=full_env, cwd=kw.pop("cwd", REPO), **kw,
     )
+
+
+@dataclass
+class ClassLogins:
+    """Logins of a class (sql/003_roles.sql): URLs for the admin (the migrating superuser), an
+    instructor, three students and a viewer."""
+
+    admin: str
+    instructor: str
+    alice: str
+    bob: str
+    mallory: str
+    viewer: str
+    names: list[str]
+
+    def url(self, who: str) -> str:
+        return getattr(self, who)
+
+
+async def _make_logins(admin: str, tag: str) -> ClassLogins:
+    from ganns_async.logins import add_login
+
+    kinds = [("teacher", "instructor"), ("alice", "student"), ("bob", "student"), ("mallory", "student"),
+             ("viewer", "viewer")]
+    names = [f"t{tag}_{who}" for who, _ in kinds]
+    urls = [await add_login(admin, name, role, generate_password=False) for name, (_, role) in zip(names, kinds)]
+    return ClassLogins(admin, *urls, names=names)
+
+
+async def drop_logins(admin: str, names: list[str]) -> None:
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])",
+                           names)
+        for name in names:
+            await conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def class_logins(migrated_url: str) -> Iterator[ClassLogins]:
+    """An instructor, three students and a viewer on a migrated database. Roles are
+    server-wide, so their names are unique to the test, and they are dropped after it."""
+    made = _run(_make_logins(migrated_url, uuid.uuid4().hex[:8]))
+    try:
+        yield made
+    finally:
+        _run(drop_logins(migrated_url, made.names))

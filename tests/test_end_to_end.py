@@ -13,7 +13,7 @@ import asyncpg
 import torch
 import torch.nn as nn
 
-from conftest import REPO, cli
+from conftest import ClassLogins, REPO, cli
 
 PY = [sys.executable, "-m", "ganns_async"]
 
@@ -100,18 +100,23 @@ async def _fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
         await conn.close()
 
 
-def test_coordinator_and_two_workers_train_and_checkpoint_loads(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+def test_coordinator_and_two_workers_train_and_checkpoint_loads(class_logins: ClassLogins, synth_zip: Path,
+                                                               tmp_path: Path) -> None:
+    """As in a class: the instructor's login runs the coordinator, two students' logins the workers."""
+    migrated_url = class_logins.admin
     out = tmp_path / "out"
-    common = ["--db", migrated_url, "--data", str(synth_zip)]
+    data = ["--data", str(synth_zip)]
+    students = [("w0", class_logins.alice, class_logins.names[1]), ("w1", class_logins.bob, class_logins.names[2])]
     # Workers start first: they wait for a run and are woken by its notification.
     workers = [
-        _spawn("worker", *common, "--name", f"w{i}", "--threads", "1", "--no-tui", log=tmp_path / f"w{i}.log")
-        for i in range(2)
+        _spawn("worker", "--db", url, *data, "--name", label, "--threads", "1", "--no-tui", log=tmp_path / f"{label}.log")
+        for label, url, _login in students
     ]
     try:
-        for i in range(2):
-            asyncio.run(_wait_for_worker_state(migrated_url, f"w{i}", "idle"))
-        coord = cli("coordinator", *common, "--no-tui", "--max-steps", "3", "--unit-size", "16", "--local-steps", "1", "--max-staleness", "1",
+        for label, _url, login in students:
+            # The server names a student's worker after the login.
+            asyncio.run(_wait_for_worker_state(migrated_url, f"{login}/{label}", "idle"))
+        coord = cli("coordinator", "--db", class_logins.instructor, *data, "--no-tui", "--max-steps", "3", "--unit-size", "16", "--local-steps", "1", "--max-staleness", "1",
                     "--units-per-step", "2", "--checkpoint-every", "1", "--eval-n", "64", "--out", str(out),
                     timeout=300)
         assert coord.returncode == 0, coord.stdout + coord.stderr
@@ -143,8 +148,10 @@ def test_coordinator_and_two_workers_train_and_checkpoint_loads(migrated_url: st
     assert evaluated.returncode == 0, evaluated.stderr
     assert "swd_avg" in evaluated.stdout and "swd_16" in evaluated.stdout and "fid" not in evaluated.stdout
     contributors = asyncio.run(_fetch(migrated_url, "SELECT name, units_done, state FROM workers ORDER BY name"))
-    assert sum(r["units_done"] for r in contributors) == 6
+    # Six units, and copies of each worker's first results checked by the other (replication).
+    assert sum(r["units_done"] for r in contributors) >= 6
     assert all(r["state"] == "offline" for r in contributors)
+    assert asyncio.run(_fetch(migrated_url, "SELECT reason FROM rejections")) == []  # honest work all counted
     # Nothing piles up: gradients are consumed, old versions pruned.
     assert asyncio.run(_fetch(migrated_url, "SELECT id FROM gradients")) == []
     versions = asyncio.run(_fetch(migrated_url, "SELECT version FROM weights ORDER BY version"))

@@ -17,7 +17,13 @@ async def _new_run(db: Database) -> int:
 
 
 async def _worker(db: Database, name: str) -> int:
-    return await db.fetchval("register_worker", name, "host", "cpu", None, None)
+    row = await db.fetchrow("api_register", name, "host", "cpu", None, None)
+    assert row is not None and row["worker_name"] == name  # the owner is trusted: its label is the name
+    return row["worker_id"]
+
+
+async def _claim(db: Database, run_id: int, worker: int, lease_s: float = 60.0) -> asyncpg.Record | None:
+    return await db.fetchrow("api_claim", worker, run_id, lease_s)
 
 
 def _units(start: int, count: int, version: int = 0) -> str:
@@ -72,11 +78,9 @@ def test_gradient_insert_and_requeue_notify(migrated_url: str) -> None:
             w = await _worker(db, "a")
             await db.execute("insert_units", run_id, _units(0, 1))
             assert await asyncio.wait_for(queue.get(), 5) == (UNITS_CHANNEL, str(run_id))
-            unit = await db.fetchrow("claim_unit", run_id, w, 60.0)
+            unit = await _claim(db, run_id, w)
             assert unit is not None
-            async with db.transaction() as tx:
-                assert await tx.fetchrow("mark_unit_done", unit["id"], w) is not None
-                await tx.execute("insert_gradient", unit["id"], run_id, w, 0, 2, b"blob")
+            assert await db.fetchval("api_submit", w, unit["id"], 2, b"blob") == "stored"
             channel, payload = await asyncio.wait_for(queue.get(), 5)
             assert channel == GRADIENTS_CHANNEL and payload.startswith(f"{run_id}:")
             # A rejected gradient sends its unit back to pending, which wakes the workers.
@@ -102,7 +106,7 @@ def test_twenty_concurrent_claimers_never_double_claim(migrated_url: str) -> Non
 
             async def claimer(w: int) -> None:
                 while True:
-                    row = await db.fetchrow("claim_unit", run_id, w, 60.0)
+                    row = await _claim(db, run_id, w)
                     if row is None:
                         return
                     claimed[w].append(row["id"])
@@ -128,18 +132,21 @@ def test_expired_lease_returns_unit_to_another_worker(migrated_url: str) -> None
             run_id = await _new_run(db)
             alice, bob = await _worker(db, "alice"), await _worker(db, "bob")
             await db.execute("insert_units", run_id, _units(0, 1))
-            unit = await db.fetchrow("claim_unit", run_id, alice, 0.2)
+            unit = await _claim(db, run_id, alice, 0.2)  # the server makes it 10 s at least
             assert unit is not None
-            assert await db.fetchrow("claim_unit", run_id, bob, 60.0) is None
+            assert await _claim(db, run_id, bob) is None
             assert await db.fetch("requeue_expired_leases", run_id) == []  # not expired yet
-            await asyncio.sleep(0.4)  # let the 0.2 s lease run out (wall-clock is the point here)
+            conn = await asyncpg.connect(migrated_url)  # the clock moves on (no 10 s sleep)
+            await conn.execute("UPDATE work_units SET lease_until = now() - interval '1 second' WHERE id = $1",
+                               unit["id"])
+            await conn.close()
             requeued = await db.fetch("requeue_expired_leases", run_id)
             assert [(r["id"], r["worker_name"]) for r in requeued] == [(unit["id"], "alice")]
-            again = await db.fetchrow("claim_unit", run_id, bob, 60.0)
+            again = await _claim(db, run_id, bob)
             assert again is not None and again["id"] == unit["id"]
             # Alice comes back late: her result is refused; Bob's is accepted.
-            assert await db.fetchrow("mark_unit_done", unit["id"], alice) is None
-            assert await db.fetchrow("mark_unit_done", unit["id"], bob) is not None
+            assert await db.fetchval("api_submit", alice, unit["id"], 2, b"late") == "lost"
+            assert await db.fetchval("api_submit", bob, unit["id"], 2, b"blob") == "stored"
         finally:
             await db.close()
 
@@ -153,10 +160,10 @@ def test_heartbeat_extends_only_own_lease(migrated_url: str) -> None:
             run_id = await _new_run(db)
             alice, bob = await _worker(db, "alice"), await _worker(db, "bob")
             await db.execute("insert_units", run_id, _units(0, 1))
-            unit = await db.fetchrow("claim_unit", run_id, alice, 60.0)
-            assert await db.fetchval("extend_lease", unit["id"], bob, 60.0) is None
-            assert await db.fetchval("extend_lease", unit["id"], alice, 60.0) == unit["id"]
-            await db.execute("release_unit", unit["id"], alice)
+            unit = await _claim(db, run_id, alice)
+            assert await db.fetchval("api_extend_lease", bob, unit["id"], 60.0) is False
+            assert await db.fetchval("api_extend_lease", alice, unit["id"], 60.0) is True
+            assert await db.fetchval("api_release", alice, unit["id"]) is True
             counts = {r["state"]: r["n"] for r in await db.fetch("unit_counts", run_id)}
             assert counts == {"pending": 1}
         finally:

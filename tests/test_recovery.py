@@ -237,3 +237,60 @@ def test_a_change_no_honest_unit_could_make_is_refused(migrated_url: str, synth_
     assert [tuple(r) for r in run] == [("done", 1, 32)]  # both units honest in the end: 2 x 2 steps x 8
     ckpt = torch.load(tmp_path / "out" / "checkpoint_latest.pth", map_location="cpu", weights_only=True)
     assert float(ckpt["generator_raw_state_dict"]["main.0.weight"].abs().max()) < 1.0
+
+
+def test_a_unit_with_bad_indices_is_reported_and_the_worker_goes_on(migrated_url: str, synth_zip: Path,
+                                                                     tmp_path: Path) -> None:
+    """Units come from the database: one with an index outside the dataset must not crash the
+    worker. It reports the unit unusable (cancelled at once for the instructor's machines)
+    and computes the next one."""
+    from ganns_async import codec
+    from ganns_async.data import ImageDataset
+    from ganns_async.model import build_models
+    from ganns_async.training import TrainConfig, state_tensors
+
+    cfg = TrainConfig(seed=1, unit_size=4, units_per_step=2, local_steps=1, grad_dtype="fp32")
+    with ImageDataset.open(synth_zip) as ds:
+        fingerprint, size = ds.fingerprint, len(ds)
+    g, d = build_models(cfg.seed)
+    weights = codec.encode_tensors(state_tensors(g, d), float_dtype="fp32")
+
+    async def setup() -> tuple[int, int, int]:
+        conn = await asyncpg.connect(migrated_url)
+        try:
+            run_id = await conn.fetchval("INSERT INTO runs (config, dataset_fingerprint, dataset_size) "
+                                         "VALUES ($1, $2, $3) RETURNING id", cfg.to_json(), fingerprint, size)
+            await conn.execute("INSERT INTO weights (run_id, version, payload) VALUES ($1, 0, $2)", run_id, weights)
+            bad = await conn.fetchval("INSERT INTO work_units (run_id, seq, step, version, epoch, indices, noise_seed) "
+                                      "VALUES ($1, 0, 0, 0, 0, $2, 5) RETURNING id", run_id, [0, size + 1000, -1])
+            good = await conn.fetchval("INSERT INTO work_units (run_id, seq, step, version, epoch, indices, noise_seed) "
+                                       "VALUES ($1, 1, 0, 0, 0, '{1,2}', 6) RETURNING id", run_id)
+            return run_id, bad, good
+        finally:
+            await conn.close()
+
+    async def wait_until_done(good: int) -> None:
+        conn = await asyncpg.connect(migrated_url)
+        try:
+            arrived = asyncio.Event()
+            await conn.add_listener("ganns_gradients", lambda *_: arrived.set())
+            while await conn.fetchval("SELECT state FROM work_units WHERE id = $1", good) != "done":
+                arrived.clear()
+                await asyncio.wait_for(arrived.wait(), 120)
+        finally:
+            await conn.close()
+
+    run_id, bad, good = asyncio.run(setup())
+    worker = _spawn("worker", "--db", migrated_url, "--data", str(synth_zip), "--name", "steady", "--threads", "1",
+                    log=tmp_path / "w.log")
+    try:
+        asyncio.run(wait_until_done(good))
+        assert worker.poll() is None, (tmp_path / "w.log").read_text()
+    finally:
+        _stop(worker)
+    states = dict(asyncio.run(_fetch(migrated_url, "SELECT id, state FROM work_units")))
+    assert states == {bad: "cancelled", good: "done"}
+    reasons = [r["reason"] for r in asyncio.run(_fetch(migrated_url, "SELECT reason FROM rejections"))]
+    assert len(reasons) == 1 and reasons[0].startswith("unusable: image index -1 outside")
+    log = (tmp_path / "w.log").read_text()
+    assert "cannot be computed here" in log and "Traceback" not in log

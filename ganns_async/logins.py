@@ -1,0 +1,56 @@
+"""Logins for the class: one per person, in one of the roles of ``sql/003_roles.sql``.
+
+``ganns-async db add-student alice`` is ``CREATE ROLE alice LOGIN ... IN ROLE ganns_worker``
+plus a connection limit and statement timeouts, and prints the URL alice should use.
+"""
+
+from __future__ import annotations
+
+import secrets
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import asyncpg
+
+from ganns_async.db import connect, queries
+from ganns_async.errors import UserError
+
+# What each kind of login is for, as ``db add-login --role`` names them.
+ROLES = {"student": "worker", "instructor": "coordinator", "viewer": "viewer"}
+
+
+def login_url(admin_url: str, name: str, password: str | None) -> str:
+    """``admin_url`` (same server, database and options) with the login ``name`` instead."""
+    parts = urlsplit(admin_url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    port = f":{parts.port}" if parts.port else ""
+    user = quote(name, safe="")
+    if password is not None:
+        user += ":" + quote(password, safe="")
+    return urlunsplit((parts.scheme, f"{user}@{host}{port}", parts.path, parts.query, parts.fragment))
+
+
+async def add_login(admin_url: str, name: str, role: str = "student", password: str | None = None,
+                    *, generate_password: bool = True) -> str:
+    """Create the login and return its URL. ``admin_url`` needs CREATEROLE (or a superuser)."""
+    if role not in ROLES:
+        raise UserError(f"unknown role {role!r}: choose {', '.join(ROLES)}")
+    if password is None and generate_password:
+        password = secrets.token_urlsafe(12)
+    conn = await connect(admin_url, application_name="ganns-async db")
+    try:
+        await conn.execute(queries()["add_login"], name, password, ROLES[role])
+    except asyncpg.exceptions.DuplicateObjectError:
+        raise UserError(f"login {name!r} exists already (on this server; logins are server-wide)") from None
+    except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+        raise UserError(f"cannot create login {name!r}: {exc} (connect as a user with CREATEROLE)") from None
+    except asyncpg.exceptions.UndefinedFunctionError:
+        raise UserError("the database is not migrated: run `ganns-async db migrate --db URL` first") from None
+    except asyncpg.exceptions.InvalidSchemaNameError:
+        raise UserError("the database is not migrated: run `ganns-async db migrate --db URL` first") from None
+    except asyncpg.exceptions.InvalidParameterValueError as exc:
+        raise UserError(f"cannot create login {name!r}: {exc}") from None
+    finally:
+        await conn.close()
+    return login_url(admin_url, name, password)
