@@ -98,6 +98,27 @@ def _run(fn: Callable[[], Any], *, interrupted_code: int = 130) -> None:
         raise typer.Exit(exc.exit_code) from None
     except (KeyboardInterrupt, asyncio.CancelledError):
         raise typer.Exit(interrupted_code) from None
+    except Exception as exc:
+        refusal = _server_refusal(exc)
+        if refusal is None:
+            raise
+        if _state["debug"]:
+            traceback.print_exc()
+        typer.echo(f"error: {refusal}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _server_refusal(exc: BaseException) -> str | None:
+    """The server refused what this login asked (sql/003_roles.sql): the reason in one line."""
+    import asyncpg
+
+    if isinstance(exc, asyncpg.exceptions.InsufficientPrivilegeError):
+        return (f"the database refused: {exc}. This login's role does not allow this command: workers need "
+                "a student (ganns_worker) login, the coordinator and control an instructor (ganns_coordinator) "
+                "one; see SECURITY.md")
+    if isinstance(exc, (asyncpg.exceptions.ProgramLimitExceededError, asyncpg.exceptions.InvalidParameterValueError)):
+        return f"the database refused: {exc}"
+    return None
 
 
 def _run_async(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:

@@ -455,6 +455,10 @@ class Coordinator:
         """On the train thread: one optimizer step (once, even if publishing is retried), then encode."""
         if self.trainer_version == version - 1:
             self.trainer.update(acc)
+            bad = self.trainer.non_finite()
+            if bad is not None:
+                raise UserError(f"step {version} made {bad} non-finite, so it is not published; "
+                                "`coordinator --resume` goes back to the last saved state")
             self.trainer_version = version
         return self._encode(version, with_state, images_seen, round_start)
 

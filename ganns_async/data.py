@@ -2,8 +2,9 @@
 
 Workers and the coordinator must agree on *which* images index ``i`` names without
 shipping the data around, so entries are sorted by basename and summarised by a
-``fingerprint`` that ignores the container (zip or extracted folder). Preprocessing
-matches the PyTorch DCGAN tutorial so results are comparable with it.
+``fingerprint`` of every image's name, size and CRC-32 that ignores the container (zip
+or extracted folder). Preprocessing matches the PyTorch DCGAN tutorial so results are
+comparable with it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import concurrent.futures
 import hashlib
 import io
 import itertools
+import json
 import math
 import operator
 import os
@@ -20,7 +22,9 @@ import random
 import shutil
 import tempfile
 import threading
+import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -64,37 +68,56 @@ class ImageDataset:
 
     ``names[i]`` is the basename of image ``i``; entries are sorted by basename so the
     zip and the same images extracted to a folder index identically.
+
+    ``fingerprint`` hashes the number of images and each one's basename, byte size and
+    CRC-32, in index order. A zip gives size and CRC-32 from its central directory
+    without decompressing anything (and :mod:`zipfile` checks the CRC when it reads a
+    member, so bytes that do not match the directory fail to load instead of training
+    silently); a folder's files are read once and their CRC-32 is kept in a per-user
+    cache (see :func:`_folder_checksums`), so opening it again costs a ``stat`` per file.
+    A zip and the same images extracted to a folder therefore get the same fingerprint.
+
+    What it protects against: a different, re-encoded, damaged or edited copy of the
+    data, even one that keeps every name and size, cannot join a run — mistakes and
+    naive tampering are caught. What it does not: CRC-32 is not a cryptographic hash,
+    and anyone who means to can make different image bytes with the same size and
+    CRC-32, so it does not authenticate the data against a deliberate attacker.
     """
 
     path: Path
     names: list[str]
     fingerprint: str
 
-    def __init__(self, path: Path, entries: list[tuple[str, str | zipfile.ZipInfo, int]],
+    def __init__(self, path: Path, entries: list[tuple[str, str | zipfile.ZipInfo, int, int]],
                  zf: zipfile.ZipFile | None) -> None:
-        """Use :meth:`open`; ``entries`` are ``(basename, zip member or file path, size)``, sorted."""
+        """Use :meth:`open`; ``entries`` are ``(basename, zip member or file path, size, crc32)``,
+        sorted."""
         self.path = path
-        self._keys = [key for _, key, _ in entries]
-        self.names = [name for name, _, _ in entries]
+        self._keys = [key for _, key, _, _ in entries]
+        self.names = [name for name, _, _, _ in entries]
         self._zip = zf
         self._lock = threading.Lock()
         self._closed = False
-        digest = hashlib.sha256(f"{len(entries)}\n".encode())
-        for name, _, size in entries:
-            digest.update(f"{name}\t{size}\n".encode())
-        self.fingerprint = digest.hexdigest()[:16]
+        self.fingerprint = _fingerprint([(name, size, crc) for name, _, size, crc in entries])
 
     @classmethod
-    def open(cls, path: str | Path) -> ImageDataset:
-        """Open a ``.zip`` without extracting it, or a folder; raise UserError if unusable."""
+    def open(cls, path: str | Path, *, progress: Callable[[int, int], None] | None = None) -> ImageDataset:
+        """Open a ``.zip`` without extracting it, or a folder; raise UserError if unusable.
+
+        A folder's files are read once to checksum them (later opens use the cache);
+        ``progress(done, total)`` is then called about every 1000 files and at the end.
+        """
         path = Path(path).expanduser()
         if not path.exists():
             raise UserError(
                 f"dataset not found: {path} (pass --data with a CelebA img_align_celeba.zip "
                 f"or folder, or {_SYNTH_HINT})"
             )
+        entries: list[tuple[str, str | zipfile.ZipInfo, int, int]]
         if path.is_dir():
-            entries = cls._scan_folder(path)
+            files = cls._scan_folder(path)
+            sums = _folder_checksums(path, files, progress) if files else {}
+            entries = [(name, fpath, *sums[fpath]) for name, fpath, _ in files]
             zf = None
         elif path.is_file():
             try:
@@ -107,7 +130,7 @@ class ImageDataset:
             except OSError as exc:
                 raise UserError(f"cannot read dataset {path}: {exc.strerror or exc} (check permissions)") from None
             entries = [
-                (info.filename.rsplit("/", 1)[-1], info, info.file_size)
+                (info.filename.rsplit("/", 1)[-1], info, info.file_size, info.CRC)
                 for info in zf.infolist()
                 if not info.is_dir() and _is_image_name(info.filename)
             ]
@@ -125,9 +148,9 @@ class ImageDataset:
         return cls(path, entries, zf)
 
     @staticmethod
-    def _scan_folder(root: Path) -> list[tuple[str, str | zipfile.ZipInfo, int]]:
-        """Recursively list image files under ``root`` with their byte sizes."""
-        entries: list[tuple[str, str | zipfile.ZipInfo, int]] = []
+    def _scan_folder(root: Path) -> list[tuple[str, str, os.stat_result]]:
+        """Recursively list image files under ``root`` with their ``stat`` results."""
+        entries: list[tuple[str, str, os.stat_result]] = []
         stack = [str(root)]
         while stack:
             current = stack.pop()
@@ -139,7 +162,7 @@ class ImageDataset:
                         if entry.is_dir():
                             stack.append(entry.path)
                         elif entry.is_file() and _is_image_name(entry.name):
-                            entries.append((entry.name, entry.path, entry.stat().st_size))
+                            entries.append((entry.name, entry.path, entry.stat()))
             except OSError as exc:
                 raise UserError(f"cannot read dataset folder {current}: {exc.strerror or exc} (check permissions)") from None
         return entries
@@ -207,6 +230,159 @@ class ImageDataset:
             if self._zip is not None:
                 self._zip.close()
                 self._zip = None
+
+
+def _fingerprint(images: Sequence[tuple[str, int, int]]) -> str:
+    """16 hex digits of SHA-256 over the count and each ``(basename, size, crc32)``, in order."""
+    lines = "".join([f"{name}\t{size}\t{crc:08x}\n" for name, size, crc in images])
+    text = f"ganns-async images v2\n{len(images)}\n{lines}"
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+# Checksums of a folder's files, cached per user.
+
+_CACHE_FORMAT = 1
+_CACHE_KEEP = 64              # cache files kept (one per dataset folder); the oldest go first
+_HASH_CHUNK = 1 << 20
+_HASH_THREADS = 8             # reading many small files is latency-bound: overlap the reads
+_HASH_BATCH = 256             # files per thread task (one future per file costs more than a read)
+_PROGRESS_EVERY = 1000
+# File times are coarse (a clock tick; 1-2 s on some file systems), so a file rewritten
+# in the same tick as it was read keeps its size, mtime and ctime. As git does with its
+# index, a file changed this recently before it was read is used but not cached.
+_RACY_NS = 2_000_000_000
+
+
+def _cache_dir() -> Path | None:
+    """``$XDG_CACHE_HOME/ganns-async/folder-crc`` (``~/.cache`` when unset), or None."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    try:
+        root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    except (RuntimeError, KeyError, OSError):  # no resolvable home directory
+        return None
+    return root / "ganns-async" / "folder-crc"
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
+    # ctime too: unlike mtime it cannot be set back by a tool that rewrites a file and
+    # restores its timestamp, and any write to the file moves it.
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _crc_file(path: str) -> tuple[int, int, tuple[int, int, int] | None]:
+    """``(size, crc32, stat key)`` of the bytes read; the key is None when the file
+    changed while it was read or just before (see ``_RACY_NS``), so such a result is
+    used but never cached."""
+    started = time.time_ns()
+    with open(path, "rb") as fh:
+        before = _stat_key(os.fstat(fh.fileno()))
+        crc = size = 0
+        while chunk := fh.read(_HASH_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+        after = _stat_key(os.fstat(fh.fileno()))
+    settled = after == before and after[0] == size and max(after[1], after[2]) < started - _RACY_NS
+    return size, crc, (after if settled else None)
+
+
+def _load_cache(file: Path, root: str) -> dict[str, object]:
+    try:
+        with open(file, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("format") != _CACHE_FORMAT or doc.get("root") != root:
+        return {}
+    files = doc.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def _save_cache(directory: Path, file: Path, root: str, files: dict[str, list[int]]) -> None:
+    """Write atomically; a cache that cannot be written is silently skipped."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{file.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump({"format": _CACHE_FORMAT, "root": root, "files": files}, fh, separators=(",", ":"))
+            os.replace(tmp, file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        caches = sorted(directory.glob("*.json"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
+        for old in caches[_CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _folder_checksums(root: Path, files: Sequence[tuple[str, str, os.stat_result]],
+                      progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[int, int]]:
+    """``{path: (size, crc32)}`` of each file, reading only files the cache cannot vouch for.
+
+    The cache (one JSON file per dataset folder, see :func:`_cache_dir`) maps each file's
+    path under ``root`` to the size, mtime_ns and ctime_ns it had when it was read, and
+    its CRC-32. An entry is used only when all three still match the file's ``stat``:
+    a file that was replaced, rewritten or touched is read again, and a file changed
+    within ``_RACY_NS`` before it was read is not cached at all. An unreadable or
+    corrupt cache is ignored, an unwritable one skipped, both silently.
+    """
+    abs_root = os.path.abspath(root)
+    prefix = str(root) + os.sep
+    directory = _cache_dir()
+    cache_file = None
+    cached: dict[str, object] = {}
+    if directory is not None:
+        name = hashlib.blake2b(abs_root.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        cache_file = directory / f"{name}.json"
+        cached = _load_cache(cache_file, abs_root)
+
+    out: dict[str, tuple[int, int]] = {}
+    fresh: dict[str, list[int]] = {}
+    todo: list[tuple[str, str]] = []
+    for _, path, st in files:
+        rel = path.removeprefix(prefix)
+        hit = cached.get(rel)
+        key = _stat_key(st)
+        if (type(hit) is list and len(hit) == 4 and tuple(hit[:3]) == key
+                and type(hit[3]) is int and 0 <= hit[3] <= 0xFFFFFFFF):
+            out[path] = (key[0], hit[3])
+            fresh[rel] = hit
+        else:
+            todo.append((rel, path))
+
+    def read(chunk: list[tuple[str, str]]) -> list[tuple[int, int, tuple[int, int, int] | None]]:
+        results = []
+        for _, path in chunk:
+            try:
+                results.append(_crc_file(path))
+            except OSError as exc:
+                raise UserError(f"cannot read dataset file {path}: {exc.strerror or exc} "
+                                "(check its permissions, or remove it)") from None
+        return results
+
+    chunks = [todo[i:i + _HASH_BATCH] for i in range(0, len(todo), _HASH_BATCH)]
+    threads = min(_HASH_THREADS, os.cpu_count() or 1, len(chunks))
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="crc") if threads > 1 else None
+    try:
+        done = reported = 0
+        for chunk, results in zip(chunks, pool.map(read, chunks) if pool is not None else map(read, chunks)):
+            for (rel, path), (size, crc, stat_key) in zip(chunk, results):
+                out[path] = (size, crc)
+                if stat_key is not None:
+                    fresh[rel] = [*stat_key, crc]
+            done += len(chunk)
+            if progress is not None and (done // _PROGRESS_EVERY > reported or done == len(todo)):
+                reported = done // _PROGRESS_EVERY
+                progress(done, len(todo))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    if directory is not None and cache_file is not None and fresh != cached:
+        _save_cache(directory, cache_file, abs_root, fresh)
+    return out
 
 
 # ---------------------------------------------------------------------------------------

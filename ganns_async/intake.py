@@ -223,7 +223,7 @@ class GradientIntake:
 
     def _decode(self, blob: bytes, n_samples: int) -> tuple[UnitResult, Norms]:
         """On a decoder thread: everything a worker sent is checked before it counts."""
-        tensors, meta = codec.decode_tensors(blob, expected=self._spec)
+        tensors, meta = codec.decode_tensors(blob, expected=self._spec, meta_schema=codec.GRADIENT_META)
         if meta.get("n_samples") != n_samples:
             raise PayloadError(f"payload says {meta.get('n_samples')!r} samples, row says {n_samples}")
         if n_samples > self.unit_size:

@@ -663,6 +663,19 @@ class Trainer:
         else:
             self.apply(acc.mean_grads(), acc.mean_buffers())
 
+    def non_finite(self) -> str | None:
+        """The first parameter, buffer or optimizer state that is NaN or Inf, or None. The
+        screens keep every input bounded, so this is the last line: never publish such a step."""
+        for prefix, net, opt in (("G.", self.g, self.opt_g), ("D.", self.d, self.opt_d)):
+            for k, t in net.state_dict().items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return prefix + k
+            for i, state in enumerate(opt.state.values()):
+                for k, t in state.items():
+                    if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        return f"{prefix}optimizer state {i}.{k}"
+        return None
+
     def apply_round(self, deltas: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]) -> None:
         """The outer step of local mode: the mean parameter change is a negative
         pseudo-gradient (FedAvg: lr 1, no momentum, lands on the mean of the workers'

@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 # Coordinators started by the tests measure SWD on 64 images instead of 512: the
 # measurement is the same code, just cheaper on a 2-core CI machine.
 os.environ.setdefault("GANNS_EVAL_N", "64")
+# Folder fingerprints cache their files' CRCs under XDG_CACHE_HOME: keep the tests' own
+# caches out of the user's (subprocesses inherit it).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ganns-test-cache-")
 
 
 def with_database(url: str, dbname: str) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
+import time
 import tracemalloc
 import warnings
 
@@ -14,6 +16,14 @@ import zstandard
 from ganns_async.codec import (
     DEFAULT_MAX_BYTES,
     FORMAT_VERSION,
+    GRADIENT_META,
+    WEIGHTS_META,
+    Int,
+    MapOf,
+    MetaSchema,
+    Number,
+    Text,
+    check_meta_schema,
     decode_tensors,
     encode_tensors,
     spec_budget,
@@ -472,3 +482,258 @@ def test_the_spec_bounds_what_is_decompressed() -> None:
     with pytest.raises(PayloadError, match="more than a payload of this kind"):
         decode_tensors(incompressible, expected=spec)
     decode_tensors(incompressible)  # without a spec the general cap applies
+
+
+# ------------------------------------------------------- zstd frame structure
+
+_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _raw_block_frame(data: bytes, size: int = 1) -> bytes:
+    """A hand-built frame (4-byte content size, single segment, no checksum) that
+    stores ``data`` as raw blocks of ``size`` bytes: a compressor never writes this."""
+    parts = [_MAGIC, bytes([0xA0]), len(data).to_bytes(4, "little")]
+    chunks = [data[i:i + size] for i in range(0, len(data), size)]
+    for k, chunk in enumerate(chunks):
+        last = int(k == len(chunks) - 1)
+        parts.append((last | (len(chunk) << 3)).to_bytes(3, "little") + chunk)
+    return b"".join(parts)
+
+
+def _rle_bomb(blocks: int) -> bytes:
+    """No content size, 128 KiB window, then ``blocks`` RLE blocks of 128 KiB of zeros:
+    4 bytes each, so 100k blocks are a 400 KB blob that would expand to 12.5 GiB."""
+    block = ((1 << 1) | (131072 << 3)).to_bytes(3, "little") + b"\x00"
+    last = (1 | (1 << 1) | (131072 << 3)).to_bytes(3, "little") + b"\x00"
+    return _MAGIC + bytes([0x00, 0x38]) + block * (blocks - 1) + last
+
+
+def test_a_frame_of_100k_tiny_blocks_decodes_quickly():
+    doc = msgpack.packb({"format": 1, "meta": {"pad": ["x" * 50_000, "y" * 49_930]}, "tensors": []})
+    blob = _raw_block_frame(doc)
+    assert len(blob) > 4 * len(doc) > 399_000                    # ~100k blocks
+    assert zstandard.ZstdDecompressor().decompress(blob) == doc  # a valid frame
+    started = time.perf_counter()
+    _, meta = decode_tensors(blob)
+    assert time.perf_counter() - started < 2      # one libzstd call: about a millisecond
+    assert [len(x) for x in meta["pad"]] == [50_000, 49_930]
+    with pytest.raises(PayloadError, match="truncated"):
+        decode_tensors(blob[:-1])
+    with pytest.raises(PayloadError, match="trailing bytes"):
+        decode_tensors(blob + b"\x00")
+
+
+def test_a_frame_of_100k_rle_blocks_is_refused_quickly():
+    bomb = _rle_bomb(100_000)
+    assert len(bomb) == 400_006
+    for cap in (1 << 20, DEFAULT_MAX_BYTES):
+        started = time.perf_counter()
+        with pytest.raises(PayloadError, match=f"decompresses to more than the cap of {cap} bytes"):
+            decode_tensors(bomb, max_bytes=cap)
+        assert time.perf_counter() - started < 5, cap   # the cap bounds the work: ~0.05 s
+    tracemalloc.start()
+    try:
+        with pytest.raises(PayloadError, match="cap"):
+            decode_tensors(bomb, max_bytes=64 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * (1 << 20), f"decoding a capped RLE bomb peaked at {peak} bytes"
+
+
+def test_a_header_cannot_declare_more_than_its_frame_can_hold():
+    # 600 MiB declared by a 20-byte blob: refused before a buffer is sized from it.
+    small = bytearray(_raw_block_frame(b"\x90"))
+    small[5:9] = (300 << 20).to_bytes(4, "little")
+    tracemalloc.start()
+    try:
+        with pytest.raises(PayloadError, match="corrupt .declares 314572800 bytes, more than"):
+            decode_tensors(bytes(small))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_unsized_frames_are_held_to_one_complete_frame():
+    doc = msgpack.packb({"format": 1, "meta": {"k": 1}, "tensors": []})
+    unsized = _zstd(doc, write_content_size=False, write_checksum=True)
+    assert decode_tensors(unsized) == ({}, {"k": 1})
+    with pytest.raises(PayloadError, match="4 trailing bytes after the zstd frame"):
+        decode_tensors(unsized + b"junk")
+    with pytest.raises(PayloadError, match="trailing bytes after the zstd frame"):
+        decode_tensors(unsized + unsized)
+    with pytest.raises(PayloadError, match="truncated"):
+        decode_tensors(unsized[:-1])
+    corrupt = bytearray(unsized)
+    corrupt[len(corrupt) // 2] ^= 0x40
+    with pytest.raises(PayloadError, match="corrupt"):
+        decode_tensors(bytes(corrupt))
+
+
+def test_frames_the_encoder_never_writes_are_refused():
+    empty = _zstd(b"")
+    with pytest.raises(PayloadError, match="not valid msgpack"):
+        decode_tensors(empty + b"junk")
+    reserved = bytearray(encode_tensors({"x": torch.zeros(3)}))
+    reserved[4] |= 0x08                                  # reserved frame header bit
+    with pytest.raises(PayloadError, match="corrupt"):
+        decode_tensors(bytes(reserved))
+    with pytest.raises(PayloadError, match="zstd dictionary"):
+        decode_tensors(_MAGIC + bytes([0x01, 0x58, 0x07]) + b"\x01\x00\x00")
+    with pytest.raises(PayloadError, match="header incomplete"):
+        decode_tensors(_MAGIC + bytes([0xC0]) + b"\x00\x00")
+
+
+def _mutations(rng: random.Random, blob: bytes) -> bytes:
+    data = bytearray(blob)
+    kind = rng.randrange(6)
+    if kind == 0:                                    # truncated anywhere
+        return bytes(data[: rng.randrange(len(data))])
+    if kind == 1:                                    # a few bit flips anywhere
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        return bytes(data)
+    if kind == 2:                                    # a random byte in the headers
+        data[rng.randrange(min(len(data), 24))] = rng.randrange(256)
+        return bytes(data)
+    if kind == 3:                                    # junk after the frame
+        return bytes(data) + rng.randbytes(rng.randint(1, 9))
+    if kind == 4:                                    # the magic number, then noise
+        return _MAGIC + rng.randbytes(rng.randrange(200))
+    return rng.randbytes(rng.randrange(64))          # noise
+
+
+def test_mangled_blobs_raise_only_payload_error(small_state):
+    """Random, truncated and bit-flipped blobs, with and without a spec, sized and
+    unsized frames: the only exception that may come out is PayloadError."""
+    rng = random.Random(20240601)
+    spec = tensor_spec(small_state)
+    bases = [
+        encode_tensors(small_state, meta={"n_samples": 8, "metrics": {"d_loss": 0.5}, "skipped": 0}),
+        encode_tensors(small_state, float_dtype="bf16"),
+        encode_tensors({"z": torch.zeros(20_000)}),
+        _zstd(msgpack.packb({"format": 1, "meta": {}, "tensors": []}), write_content_size=False),
+        _raw_block_frame(msgpack.packb({"format": 1, "meta": {"p": "x" * 300}, "tensors": []}), size=7),
+    ]
+    refused = accepted = 0
+    started = time.perf_counter()
+    for _ in range(400):
+        blob = _mutations(rng, rng.choice(bases))
+        for expected, schema in ((None, None), (spec, GRADIENT_META)):
+            try:
+                decode_tensors(blob, expected=expected, meta_schema=schema)
+                accepted += 1
+            except PayloadError as exc:
+                assert "\n" not in str(exc)
+                refused += 1
+    assert refused > 700 and accepted < 100
+    assert time.perf_counter() - started < 30       # about a second
+
+
+# ------------------------------------------------------------- meta schema
+
+def _grad_meta(**changes: object) -> dict:
+    meta: dict = {"n_samples": 64, "metrics": {"d_loss": 1.25, "g_loss": 0.75, "d_x": 0.5, "d_g_z": 0.25},
+                  "skipped": 0}
+    meta.update(changes)
+    return {k: v for k, v in meta.items() if v is not _DROP}
+
+
+_DROP = object()
+
+
+def test_gradient_meta_accepts_what_a_worker_sends():
+    for meta in (_grad_meta(), _grad_meta(metrics={}), _grad_meta(n_samples=0, skipped=3),
+                 _grad_meta(n_samples=2**31), _grad_meta(metrics={"d_loss": float("nan"), "steps": 2}),
+                 _grad_meta(metrics={f"m{i}": float(i) for i in range(16)}),
+                 _grad_meta(metrics={"k" * 32: -1e300})):
+        assert check_meta_schema(meta, GRADIENT_META) is meta
+        blob = encode_tensors({"w": torch.ones(2)}, meta=meta)
+        _, got = decode_tensors(blob, meta_schema=GRADIENT_META)
+        assert got.keys() == meta.keys()
+
+
+@pytest.mark.parametrize("meta, reason", [
+    (_grad_meta(extra=1), r"unexpected key 'extra'"),
+    (_grad_meta(a=1, b=2, c=3, d=4), r"unexpected keys 'a', 'b', 'c' \(\+1 more\)"),
+    (_grad_meta(skipped=_DROP), r"missing key 'skipped'"),
+    ({}, r"missing keys 'metrics', 'n_samples', 'skipped'"),
+    (_grad_meta(n_samples="64"), r"key 'n_samples' must be an int, not str"),
+    (_grad_meta(n_samples=True), r"key 'n_samples' must be an int, not bool"),
+    (_grad_meta(n_samples=64.0), r"key 'n_samples' must be an int, not float"),
+    (_grad_meta(n_samples=-1), r"key 'n_samples' is -1, outside 0..2147483648"),
+    (_grad_meta(n_samples=2**31 + 1), r"key 'n_samples' is 2147483649, outside"),
+    (_grad_meta(skipped=-5), r"key 'skipped' is -5, outside"),
+    (_grad_meta(skipped=None), r"key 'skipped' must be an int, not NoneType"),
+    (_grad_meta(metrics=[1.0]), r"key 'metrics' must be a map, not list"),
+    (_grad_meta(metrics=None), r"key 'metrics' must be a map, not NoneType"),
+    (_grad_meta(metrics={f"m{i}": 0.0 for i in range(17)}), r"key 'metrics' has 17 entries, more than 16"),
+    (_grad_meta(metrics={"k" * 33: 0.0}), r"key 'metrics' has a key of 33 characters, more than 32"),
+    (_grad_meta(metrics={"d_loss": "x"}), r"key 'metrics' entry 'd_loss' must be a number, not str"),
+    (_grad_meta(metrics={"d_loss": True}), r"entry 'd_loss' must be a number, not bool"),
+    (_grad_meta(metrics={"d_loss": [1.0]}), r"entry 'd_loss' must be a number, not list"),
+    (_grad_meta(metrics={"d_loss": {"x": 1.0}}), r"entry 'd_loss' must be a number, not dict"),
+    (_grad_meta(metrics={"d_loss": float("inf")}), r"entry 'd_loss' is inf, which is not allowed"),
+    (_grad_meta(metrics={"g_loss": float("-inf")}), r"entry 'g_loss' is -inf, which is not allowed"),
+])
+def test_gradient_meta_refuses(meta, reason):
+    with pytest.raises(PayloadError, match=reason):
+        check_meta_schema(meta, GRADIENT_META)
+    blob = encode_tensors({"w": torch.ones(2)}, meta=meta)
+    with pytest.raises(PayloadError, match=reason):
+        decode_tensors(blob, meta_schema=GRADIENT_META)
+    decode_tensors(blob)                 # without a schema any plain meta still passes
+
+
+def test_meta_schema_errors_never_echo_hostile_strings():
+    huge = "A" * 60_000
+    for meta in (_grad_meta(**{huge: 1}), _grad_meta(metrics={huge: 1.0}), {huge: 1},
+                 _grad_meta(metrics={"x" * 20 + huge: 1.0})):
+        blob = encode_tensors({}, meta=meta)
+        with pytest.raises(PayloadError) as exc:
+            decode_tensors(blob, meta_schema=GRADIENT_META)
+        message = str(exc.value)
+        assert len(message) < 200 and "\n" not in message, message
+        assert "A" * 100 not in message
+    with pytest.raises(PayloadError, match=r"is a 70001-bit int"):
+        check_meta_schema(_grad_meta(n_samples=2**70_000), GRADIENT_META)   # no str() of a huge int
+
+
+def test_meta_schema_checks_the_map_itself():
+    with pytest.raises(PayloadError, match="meta is a list, not a map"):
+        check_meta_schema([], GRADIENT_META)
+    with pytest.raises(PayloadError, match="meta key 1 is not a string"):
+        check_meta_schema({1: 2}, GRADIENT_META)
+    with pytest.raises(PayloadError, match="key .metrics. has a key of type int, not a string"):
+        check_meta_schema(_grad_meta(metrics={1: 2.0}), GRADIENT_META)
+
+
+def test_weights_meta_and_custom_schemas():
+    for meta in ({}, {"step": 0}, {"step": 12345}):
+        blob = encode_tensors({"w": torch.ones(2)}, meta=meta)
+        assert decode_tensors(blob, meta_schema=WEIGHTS_META)[1] == meta
+    for meta, reason in (({"step": -1}, "outside 0.."), ({"step": "3"}, "must be an int"),
+                         ({"n_samples": 3}, "unexpected key 'n_samples'")):
+        with pytest.raises(PayloadError, match=reason):
+            decode_tensors(encode_tensors({}, meta=meta), meta_schema=WEIGHTS_META)
+    empty = MetaSchema()
+    assert check_meta_schema({}, empty) == {}
+    with pytest.raises(PayloadError, match="unexpected key 'x'"):
+        check_meta_schema({"x": 1}, empty)
+    custom = MetaSchema(required={"name": Text(8), "lr": Number()},
+                        optional={"tags": MapOf(Int(hi=9), max_items=2, max_key_len=4)})
+    check_meta_schema({"name": "adam", "lr": 2e-4}, custom)
+    check_meta_schema({"name": "adam", "lr": 1, "tags": {"a": -3, "b": 9}}, custom)
+    for meta, reason in (({"name": "x" * 9, "lr": 1.0}, "'name' is 9 characters long, more than 8"),
+                         ({"name": 3, "lr": 1.0}, "'name' must be a string, not int"),
+                         ({"name": "a", "lr": math.nan}, "'lr' is NaN, which is not allowed"),
+                         ({"name": "a", "lr": 1.0, "tags": {"a": 10}}, "entry 'a' is 10, outside ..9")):
+        with pytest.raises(PayloadError, match=reason):
+            check_meta_schema(meta, custom)
+    with pytest.raises(ValueError, match="both required and optional"):
+        MetaSchema(required={"a": Int()}, optional={"a": Int()})
+    with pytest.raises(TypeError, match="not Int, Number, Text or MapOf"):
+        MetaSchema(required={"a": int})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="not Int, Number, Text or MapOf"):
+        MetaSchema(required={"a": MapOf(str, 1, 1)})  # type: ignore[arg-type]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -10,10 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
+from ganns_async import data
 from ganns_async.data import IMAGE_SIZE, ImageDataset, write_synthetic
 from ganns_async.errors import UserError
 
 COUNT = 24
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own checksum cache, never the user's."""
+    cache = tmp_path_factory.mktemp("xdg_cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache / "ganns-async" / "folder-crc"
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +188,181 @@ def test_load_after_close(synth_zip: Path) -> None:
     ds.close()
     with pytest.raises(RuntimeError):
         ds.load([0])
+
+
+# ------------------------------------------------------------------ fingerprint covers content
+
+def _tweak(blob: bytes) -> bytes:
+    """Same length, one byte different: what a naive edit of an image looks like."""
+    middle = len(blob) // 2
+    return blob[:middle] + bytes([blob[middle] ^ 0x55]) + blob[middle + 1:]
+
+
+@pytest.fixture()
+def trust_fresh_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test folders were written a moment ago, and files changed less than 2 s
+    before they are read are never cached; these tests need them cached at once."""
+    monkeypatch.setattr(data, "_RACY_NS", 0)
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    reads: list[str] = []
+    real = data._crc_file
+
+    def counting(path: str):  # type: ignore[no-untyped-def]
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(data, "_crc_file", counting)
+    return reads
+
+
+def test_zip_with_one_image_changed_gets_another_fingerprint(synth_zip: Path, tmp_path: Path) -> None:
+    changed = tmp_path / "changed.zip"
+    target = "img_align_celeba/000007.jpg"
+    with zipfile.ZipFile(synth_zip) as src, zipfile.ZipFile(changed, "w") as dst:
+        for info in src.infolist():
+            blob = src.read(info)
+            dst.writestr(info, _tweak(blob) if info.filename == target else blob)
+    with ImageDataset.open(synth_zip) as a, ImageDataset.open(changed) as b:
+        assert a.names == b.names
+        assert a.fingerprint != b.fingerprint
+    with zipfile.ZipFile(synth_zip) as za, zipfile.ZipFile(changed) as zb:
+        assert za.getinfo(target).file_size == zb.getinfo(target).file_size
+
+
+def test_zip_fingerprint_reads_only_the_directory(synth_zip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_reads(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a zip member was read to fingerprint the zip")
+
+    with ImageDataset.open(synth_zip) as reference:
+        expected = reference.fingerprint
+    monkeypatch.setattr(zipfile.ZipFile, "open", no_reads)
+    monkeypatch.setattr(zipfile.ZipFile, "read", no_reads)
+    with ImageDataset.open(synth_zip) as ds:
+        assert ds.fingerprint == expected
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_folder_with_one_image_changed_gets_another_fingerprint(synth_zip: Path, synth_folder: Path,
+                                                                tmp_path: Path, cached: bool,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    if cached:  # the first open caches every file; the ctime must still give the change away
+        monkeypatch.setattr(data, "_RACY_NS", 0)
+    copy = Path(shutil.copytree(synth_folder, tmp_path / "copy"))
+    with ImageDataset.open(synth_zip) as dz, ImageDataset.open(copy) as dc:
+        assert dz.fingerprint == dc.fingerprint          # container-independent
+        original = dc.fingerprint
+    reads = _count_reads(monkeypatch)
+    victim = copy / "img_align_celeba" / "000011.jpg"
+    st = victim.stat()
+    time.sleep(0.05)                                     # past the file system's clock tick
+    victim.write_bytes(_tweak(victim.read_bytes()))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # a naive copy keeps size and mtime
+    assert victim.stat().st_size == st.st_size and victim.stat().st_mtime_ns == st.st_mtime_ns
+    with ImageDataset.open(copy) as dc, ImageDataset.open(synth_zip) as dz:
+        assert dc.fingerprint != original
+        assert dc.fingerprint != dz.fingerprint
+        assert dc.names == dz.names
+    assert len(reads) == (1 if cached else COUNT)
+
+
+def test_folder_checksums_are_cached(synth_folder: Path, synth_zip: Path, private_cache: Path,
+                                     monkeypatch: pytest.MonkeyPatch, trust_fresh_files: None) -> None:
+    reads = _count_reads(monkeypatch)
+    calls: list[tuple[int, int]] = []
+    with ImageDataset.open(synth_folder, progress=lambda d, t: calls.append((d, t))) as first:
+        fingerprint = first.fingerprint
+    assert len(reads) == COUNT
+    assert calls == [(COUNT, COUNT)]
+    cache_files = list(private_cache.glob("*.json"))
+    assert len(cache_files) == 1
+    doc = json.loads(cache_files[0].read_text())
+    assert doc["root"] == os.path.abspath(synth_folder) and len(doc["files"]) == COUNT
+
+    reads.clear()
+    calls.clear()
+    with ImageDataset.open(synth_folder, progress=lambda d, t: calls.append((d, t))) as second:
+        assert second.fingerprint == fingerprint
+    assert reads == [] and calls == []                # no file content read the second time
+    with ImageDataset.open(synth_zip) as dz:
+        assert dz.fingerprint == fingerprint
+
+
+def test_a_changed_file_invalidates_only_its_cache_entry(synth_folder: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         trust_fresh_files: None) -> None:
+    copy = Path(shutil.copytree(synth_folder, tmp_path / "copy"))
+    with ImageDataset.open(copy) as ds:
+        before = ds.fingerprint
+    reads = _count_reads(monkeypatch)
+    victim = copy / "img_align_celeba" / "000003.jpg"
+    st = victim.stat()
+    victim.write_bytes(_tweak(victim.read_bytes()))
+    # Same size; the mtime is moved explicitly so the test does not depend on the
+    # file system's timestamp resolution (the rewrite may land in the same clock tick).
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns - 1_000_000_000))
+    with ImageDataset.open(copy) as ds:
+        after = ds.fingerprint
+    assert reads == [str(victim)]
+    assert after != before
+    reads.clear()
+    with ImageDataset.open(copy) as ds:
+        assert ds.fingerprint == after
+    assert reads == []
+    victim.unlink()                                   # a removed file drops out of the cache too
+    with ImageDataset.open(copy) as ds:
+        assert len(ds) == COUNT - 1
+    assert reads == []
+
+
+def test_a_bad_or_unwritable_cache_is_ignored(synth_folder: Path, synth_zip: Path, private_cache: Path,
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              trust_fresh_files: None) -> None:
+    with ImageDataset.open(synth_zip) as dz:
+        expected = dz.fingerprint
+    with ImageDataset.open(synth_folder):
+        pass
+    (cache_file,) = private_cache.glob("*.json")
+    reads = _count_reads(monkeypatch)
+    for junk in ("{not json", "[]", json.dumps({"format": 1, "root": "/elsewhere", "files": {}}),
+                 json.dumps({"format": 1, "root": os.path.abspath(synth_folder),
+                             "files": {k: "x" for k in ("img_align_celeba/000001.jpg",)}})):
+        cache_file.write_text(junk)
+        reads.clear()
+        with ImageDataset.open(synth_folder) as ds:
+            assert ds.fingerprint == expected
+        assert len(reads) >= 1
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    for _ in range(2):
+        reads.clear()
+        with ImageDataset.open(synth_folder) as ds:
+            assert ds.fingerprint == expected
+        assert len(reads) == COUNT                       # no cache: read every time, quietly
+
+
+def test_unreadable_folder_file_is_a_user_error(synth_folder: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = Path(shutil.copytree(synth_folder, tmp_path / "copy"))
+
+    def denied(path: str):  # type: ignore[no-untyped-def]
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(data, "_crc_file", denied)
+    with pytest.raises(UserError, match=r"cannot read dataset file .*\.jpg: Permission denied"):
+        ImageDataset.open(copy)
+
+
+def test_files_changed_just_before_they_were_read_are_not_cached(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rewrite in the same clock tick as the read would keep size, mtime and ctime:
+    so a file changed under 2 s before it was read is read again next time."""
+    folder = write_synthetic(tmp_path / "fresh", 6, seed=5)
+    reads = _count_reads(monkeypatch)
+    with ImageDataset.open(folder) as first:
+        fingerprint = first.fingerprint
+    with ImageDataset.open(folder) as second:
+        assert second.fingerprint == fingerprint
+    assert len(reads) == 12

@@ -87,6 +87,10 @@ ATTACKS: dict[str, Callable[[bytes, int], tuple[bytes, int]]] = {
     "amplification bomb": lambda b, n: (zstandard.ZstdCompressor(level=3).compress(b"\0" * (256 << 20)), n),
     "truncated": lambda b, n: (b[: len(b) // 2], n),
     "metrics not numbers": lambda b, n: (_forge(b, _meta(metrics={"d_loss": "x"})), n),
+    "meta with an extra key": lambda b, n: (_forge(b, _meta(note="x" * 60000)), n),
+    "meta without skipped": lambda b, n: (_forge(b, lambda _t, m: m.pop("skipped")), n),
+    "meta metrics of 17 keys": lambda b, n: (_forge(b, _meta(metrics={f"m{i}": 1.0 for i in range(17)})), n),
+    "meta metric Inf": lambda b, n: (_forge(b, _meta(metrics={"d_loss": float("inf")})), n),
 }
 
 
@@ -173,3 +177,17 @@ def test_a_run_with_a_lying_student_ends_where_train_local_ends(
                                                      "JOIN workers w ON w.id = r.worker_id"))
     assert refused and all(r["name"].startswith(class_logins.names[3]) for r in refused), refused
     # Equal to train-local means every unit counted, and each was computed honestly.
+
+
+def test_a_non_finite_step_is_named_before_it_could_be_published() -> None:
+    trainer = Trainer(CFG)
+    assert trainer.non_finite() is None
+    acc = StepAccumulator(0)
+    zeros = {f"G.{k}": torch.zeros_like(p) for k, p in trainer.g.named_parameters()}
+    zeros.update({f"D.{k}": torch.zeros_like(p) for k, p in trainer.d.named_parameters()})
+    zeros["D.main.0.weight"] = torch.full_like(zeros["D.main.0.weight"], 3e38)  # what the screens refuse
+    from ganns_async.training import UnitResult, _named_buffers
+
+    acc.add(1, UnitResult(zeros, {k: b.clone() for k, b in _named_buffers(trainer.g, trainer.d).items()}, 16, {}))
+    trainer.update(acc)
+    assert trainer.non_finite() is not None and "D." in trainer.non_finite()  # type: ignore[operator]

@@ -226,7 +226,8 @@ def test_a_change_no_honest_unit_could_make_is_refused(migrated_url: str, synth_
     g, d = build_models(0)
     params = {f"G.{k}" for k, _ in g.named_parameters()} | {f"D.{k}" for k, _ in d.named_parameters()}
     forged = {k: (torch.ones_like(v) if k in params else v) for k, v in state_tensors(g, d).items()}
-    payload = codec.encode_tensors(forged, meta={"n_samples": 16, "metrics": {}}, float_dtype="bf16")
+    payload = codec.encode_tensors(forged, meta={"n_samples": 16, "metrics": {}, "skipped": 0},
+                                 float_dtype="bf16")
     unit_id = _run_with_planted_result(migrated_url, synth_zip, tmp_path, payload, "--local-steps", "2",
                                        "--max-steps", "1", "--unit-size", "8", "--units-per-step", "2",
                                        "--eval-every", "0")

@@ -251,3 +251,15 @@ def test_add_student_cli_prints_a_url_that_logs_in_as_a_worker(migrated_url: str
         assert bad.returncode != 0 and "login names are" in bad.stderr
     finally:
         asyncio.run(drop_logins(migrated_url, [name]))
+
+
+def test_a_login_in_the_wrong_role_gets_one_line_not_a_traceback(class_logins: ClassLogins, synth_zip) -> None:  # type: ignore[no-untyped-def]
+    data = ["--data", str(synth_zip)]
+    tries = [("worker", "--db", class_logins.viewer, *data, "--no-tui"),
+             ("coordinator", "--db", class_logins.alice, *data, "--no-tui", "--max-steps", "1"),
+             ("control", "pause", "--db", class_logins.alice)]
+    for args in tries:
+        done = cli(*args, timeout=120)
+        assert done.returncode != 0, (args, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr and "permission denied" in done.stderr, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr

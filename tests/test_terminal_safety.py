@@ -47,6 +47,9 @@ def test_hostile_rows_in_the_database_render_as_plain_text(migrated_url: str) ->
             run_id = await conn.fetchval(
                 "INSERT INTO runs (config, dataset_fingerprint, dataset_size) "
                 "VALUES ('{\"local_steps\": 4, \"units_per_step\": 0}', 'x', 10) RETURNING id")
+            # Names are CHECKed since sql/003_roles.sql, but rows written before it are not
+            # (NOT VALID): the dashboards must survive those too.
+            await conn.execute("ALTER TABLE workers DROP CONSTRAINT workers_name_printable")
             for i, name in enumerate(HOSTILE):
                 await conn.execute("INSERT INTO workers (name, hostname, device, run_id) VALUES ($1, 'h', $2, $3)",
                                    name, HOSTILE[-1 - i], run_id)
