@@ -118,6 +118,9 @@ def _server_refusal(exc: BaseException) -> str | None:
                 "one; see SECURITY.md")
     if isinstance(exc, (asyncpg.exceptions.ProgramLimitExceededError, asyncpg.exceptions.InvalidParameterValueError)):
         return f"the database refused: {exc}"
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
+        return (f"the database cancelled a query: {exc} (a student login's statement_timeout is 120 s; "
+                "a very slow connection can hit it)")
     return None
 
 

@@ -172,9 +172,10 @@ class Coordinator:
                 await self._start_new()
             assert self.run_id is not None
             # The largest blob a worker may store (the server refuses bigger ones before the
-            # coordinator ever reads them).
+            # coordinator ever reads them), and how long it may hold a unit.
             budget = codec.spec_budget(gradient_spec(self.trainer.g, self.trainer.d))
-            await self.store.set_max_payload(self.run_id, budget + budget // 64 + 4096)
+            await self.store.set_limits(self.run_id, max_payload=budget + budget // 64 + 4096,
+                                        max_unit_s=opts.step_timeout)
             self.intake = GradientIntake(self.store, self.book, run_id=self.run_id, trainer=self.trainer,
                                          config=self.cfg, fold_thread=self._executor,
                                          event=self._event, spot_check=opts.spot_check)
@@ -403,6 +404,8 @@ class Coordinator:
                     return True
                 await self.intake.drain()
                 now = time.monotonic()
+                if self.book.overdue(now):
+                    await self.intake.give_up_held(self.book.step)  # no copy came to check them
                 if now >= next_sweep:
                     await self._sweep()
                     next_sweep = now + self.opts.sweep_s

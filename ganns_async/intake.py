@@ -36,6 +36,9 @@ QUARANTINE_AFTER = 3   # results refused (or units reported unusable) before a w
 # summing; each in flight holds one blob and its decoded tensors (about 50 MB).
 PARALLEL_FETCHES = max(2, min(4, os.cpu_count() or 2))
 LOGIN_ONLINE_S = 60.0  # a login with a worker seen this recently can compute a copy
+# Results held for a copy at once (about 25 MB each). A new worker's check is deferred, not
+# skipped, while the limit is reached: its next result is checked instead.
+MAX_HELD = 8
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,12 @@ class GradientIntake:
 
     async def drain(self) -> None:
         """Fetch, decode and fold every stored gradient, several at once."""
-        for unit_id, step, seq in await self.store.cancelled_units(self.run_id, self.book.step):
-            if self.book.planned(step, seq):  # a unit planted by hand is no part of any round
-                self.book.give_up(step, unit_id)  # reported unusable by workers; cancelled by the server
+        for unit_id, step, seq, replica_of in await self.store.cancelled_units(self.run_id, self.book.step):
+            if replica_of is not None:
+                if self._held.pop(replica_of, None) is not None:  # its check cannot happen now
+                    self.book.give_up(step, replica_of)
+            elif self.book.planned(step, seq):  # a unit planted by hand is no part of any round
+                self.book.give_up(step, unit_id)  # reported unusable by a trusted worker
         takes = []
         for g in await self.store.pending_gradients(self.run_id):
             if g.id in self._in_flight:
@@ -130,7 +136,8 @@ class GradientIntake:
                     await self._check_copy(g, Held(g, result, norms))
                     return
                 # A copy must go to another login: with one login online nobody could check.
-                if self.spot.wanted(g.worker_id) and await self.store.logins_online(self.run_id, LOGIN_ONLINE_S) >= 2:
+                if (len(self._held) < MAX_HELD and self.spot.wanted(g.worker_id)
+                        and await self.store.logins_online(self.run_id, LOGIN_ONLINE_S) >= 2):
                     # Held until a copy computed by another login agrees (replication).
                     self._held[g.unit_id] = [Held(g, result, norms)]
                     self.replicated += 1
@@ -157,15 +164,20 @@ class GradientIntake:
     async def _check_copy(self, g: GradientRow, copy: Held) -> None:
         """A copy's result arrived: the original counts once they agree; if they do not, a
         third worker decides, and a worker whose result agrees with neither other is
-        quarantined."""
+        quarantined. Decisions are made in memory before the database hears of them, so a
+        lost connection (the copy's row is read again) cannot make one copy vote twice."""
         original = g.replica_of
         assert original is not None
         held = self._held.get(original)
         if held is None:  # its step closed, or this coordinator restarted: nothing to check
             await self.store.consume_gradient(g)
             return
+        if any(h.row.id == g.id for h in held):  # seen before a lost connection: finish the job
+            await self.store.replicate(g, original)
+            return
         first = held[0]
-        agreement = compare(first.result, copy.result)
+        loop = asyncio.get_running_loop()
+        agreement = await loop.run_in_executor(self._decoders, compare, first.result, copy.result)
         if len(held) == 1:
             if agreement.within(self.tolerance):
                 del self._held[original]
@@ -177,8 +189,8 @@ class GradientIntake:
             self.disagreements += 1
             if await self.store.logins_online(self.run_id, LOGIN_ONLINE_S) < 3:
                 del self._held[original]
-                await self.store.consume_gradient(g)
                 self.book.give_up(first.row.step, original)
+                await self.store.consume_gradient(g)
                 await self._event("replica", f"unit {original}: the results of {first.row.who} and {g.who} "
                                              f"disagree ({agreement.describe()}) and no third login is online to "
                                              "decide; the step goes on without it")
@@ -189,29 +201,50 @@ class GradientIntake:
                                          f"({agreement.describe()}); a third worker decides")
             return
         second = held[1]
-        del self._held[original]
-        await self.store.consume_gradient(g)
         with_first = agreement.within(self.tolerance)
-        with_second = compare(second.result, copy.result).within(self.tolerance)
+        with_second = (await loop.run_in_executor(self._decoders, compare, second.result,
+                                                  copy.result)).within(self.tolerance)
+        del self._held[original]
+        good: Held | None
+        bad: Held | None
         if with_first and with_second:
-            await self._fold(first.row.step, original, first)
-        elif not with_first and not with_second:
-            self.book.give_up(first.row.step, original)
-            await self._event("replica", f"unit {original}: three results, no two agree; the step goes on without it")
-        else:
+            good, bad = first, None
+        elif with_first or with_second:
             good, bad = (first, second) if with_first else (second, first)
+        else:
+            good = bad = None
+        if good is not None:
             await self._fold(good.row.step, original, good)
+        else:
+            self.book.give_up(first.row.step, original)
+        await self.store.consume_gradient(g)
+        if good is None:
+            await self._event("replica", f"unit {original}: three results, no two agree; the step goes on without it")
+        elif bad is not None:
             if bad.row.worker_id is not None:
                 await self.store.quarantine_now(bad.row.worker_id, f"its result for unit {original} disagreed "
                                                                    "with two other workers")
             await self._event("quarantine", f"{bad.row.who} is quarantined: its result for unit {original} "
                                             f"disagreed with those of {good.row.who} and {g.who}")
 
+    async def give_up_held(self, step: int) -> None:
+        """At ``step``'s deadline: results of it still waiting for a copy (nobody eligible took
+        it) are given up, so the step can close on what arrived."""
+        for unit_id in [u for u, held in self._held.items() if held[0].row.step == step]:
+            held = self._held.pop(unit_id)
+            self.book.give_up(step, unit_id)
+            await self._event("replica", f"unit {unit_id}: no copy checked {held[0].row.who}'s result by the step's "
+                                         "deadline; the step goes on without it")
+
     async def _reject(self, g: GradientRow, reason: str) -> None:
         self.rejected += 1
         state = await self.store.reject_gradient(self.run_id, g, reason, MAX_UNIT_ATTEMPTS)
         if state == "cancelled":
-            self.book.give_up(g.step, g.unit_id)  # first: the step must not wait for it whatever happens next
+            # First: the step must not wait for it whatever happens next. A copy given up on
+            # gives up the result it was to check.
+            unit = g.replica_of if g.replica_of is not None else g.unit_id
+            if g.replica_of is None or self._held.pop(g.replica_of, None) is not None:
+                self.book.give_up(g.step, unit)
         await self._event("rejected", f"gradient from {g.who} for unit {g.unit_id} rejected: {reason}")
         if g.worker_id is not None and await self.store.quarantine(g.worker_id, QUARANTINE_AFTER,
                                                                    f"{QUARANTINE_AFTER} results refused"):

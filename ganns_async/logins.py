@@ -7,7 +7,7 @@ plus a connection limit and statement timeouts, and prints the URL alice should 
 from __future__ import annotations
 
 import secrets
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -18,9 +18,17 @@ from ganns_async.errors import UserError
 ROLES = {"student": "worker", "instructor": "coordinator", "viewer": "viewer"}
 
 
+# Query options that name or prove a login: never carried from the admin's URL into a
+# student's (libpq lets ?user= override the name before the @).
+_CREDENTIAL_OPTIONS = {"user", "password", "passfile", "sslcert", "sslkey", "sslpassword", "service"}
+
+
 def login_url(admin_url: str, name: str, password: str | None) -> str:
-    """``admin_url`` (same server, database and options) with the login ``name`` instead."""
+    """``admin_url`` (same server, database and options, without the admin's credentials)
+    with the login ``name`` instead."""
     parts = urlsplit(admin_url)
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                       if k.lower() not in _CREDENTIAL_OPTIONS], safe="/")
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"  # IPv6
@@ -28,7 +36,7 @@ def login_url(admin_url: str, name: str, password: str | None) -> str:
     user = quote(name, safe="")
     if password is not None:
         user += ":" + quote(password, safe="")
-    return urlunsplit((parts.scheme, f"{user}@{host}{port}", parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, f"{user}@{host}{port}", parts.path, query, parts.fragment))
 
 
 async def add_login(admin_url: str, name: str, role: str = "student", password: str | None = None,

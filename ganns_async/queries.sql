@@ -36,12 +36,13 @@ SELECT * FROM runs ORDER BY id DESC LIMIT 1;
 -- The run workers should join: the newest one that is not over.
 SELECT * FROM runs WHERE status IN ('running', 'paused') ORDER BY id DESC LIMIT 1;
 
--- name: set_max_payload
-UPDATE runs SET max_payload = $2 WHERE id = $1;
+-- name: set_run_limits
+-- What ganns_api enforces for this run: the largest result blob, the longest hold of a unit.
+UPDATE runs SET max_payload = $2, max_unit_s = $3 WHERE id = $1;
 
 -- name: cancelled_units
-SELECT id, step, seq FROM work_units
- WHERE run_id = $1 AND step >= $2 AND state = 'cancelled' AND replica_of IS NULL;
+SELECT id, step, seq, replica_of FROM work_units
+ WHERE run_id = $1 AND step >= $2 AND state = 'cancelled';
 
 -- name: set_run_status
 UPDATE runs SET status = $2, updated_at = now() WHERE id = $1 RETURNING *;
@@ -225,9 +226,11 @@ UPDATE workers SET refused = refused + 1, quarantined_at = coalesce(quarantined_
 
 -- name: quarantine_worker
 -- A worker whose results keep being refused gets no more units (ganns_api.claim checks).
-UPDATE workers SET quarantined_at = now(), quarantine_reason = $3
- WHERE id = $1 AND quarantined_at IS NULL AND refused >= $2
-RETURNING id;
+-- Refusals count per login: a student's new worker rows start no cleaner.
+UPDATE workers AS w SET quarantined_at = now(), quarantine_reason = $3
+ WHERE w.id = $1 AND w.quarantined_at IS NULL
+   AND (SELECT sum(x.refused) FROM workers AS x WHERE x.login = w.login) >= $2
+RETURNING w.id;
 
 -- name: drop_gradient
 -- Its step already closed: too stale to count.

@@ -125,13 +125,15 @@ class CoordinatorStore:
         assert row is not None
         return RunRow.of(row)
 
-    async def set_max_payload(self, run_id: int, max_bytes: int) -> None:
-        await self.db.execute("set_max_payload", run_id, max_bytes)
+    async def set_limits(self, run_id: int, *, max_payload: int, max_unit_s: float) -> None:
+        """What the server enforces on workers for this run (sql/003_roles.sql)."""
+        await self.db.execute("set_run_limits", run_id, max_payload, max_unit_s)
 
-    async def cancelled_units(self, run_id: int, from_step: int) -> list[tuple[int, int, int]]:
-        """``(unit id, step, seq)`` of cancelled units of open steps: the server cancels a
-        unit that workers reported unusable, and the round must stop waiting for it."""
-        return [(int(r["id"]), int(r["step"]), int(r["seq"]))
+    async def cancelled_units(self, run_id: int, from_step: int) -> list[tuple[int, int, int, int | None]]:
+        """``(unit id, step, seq, replica_of)`` of cancelled units of open steps: the server
+        cancels a unit that a trusted worker reported unusable, and the round must stop
+        waiting for it (or for the result a cancelled copy was to check)."""
+        return [(int(r["id"]), int(r["step"]), int(r["seq"]), r["replica_of"])
                 for r in await self.db.fetch("cancelled_units", run_id, from_step)]
 
     async def set_status(self, run_id: int, status: str) -> None:

@@ -38,17 +38,39 @@ BEGIN
             EXCEPTION
                 WHEN duplicate_object THEN NULL;  -- another database's migration made it just now
                 WHEN insufficient_privilege THEN
-                    RAISE EXCEPTION 'creating role % needs CREATEROLE: ask the server''s admin to run CREATE ROLE % NOLOGIN, then apply this migration again', r, r;
+                    RAISE EXCEPTION 'creating role % needs CREATEROLE: ask the server''s admin to run CREATE ROLE % NOLOGIN and GRANT % TO the user applying this migration WITH ADMIN OPTION, then apply it again', r, r, r;
             END;
         END IF;
     END LOOP;
 END
 $$;
-GRANT ganns_viewer TO ganns_worker, ganns_coordinator;
+-- Workers and coordinators are viewers too (granted once: a second grant by another user
+-- would need ADMIN OPTION on ganns_viewer since PostgreSQL 16).
+DO $$
+BEGIN
+    IF NOT pg_has_role('ganns_worker', 'ganns_viewer', 'MEMBER') THEN
+        GRANT ganns_viewer TO ganns_worker;
+    END IF;
+    IF NOT pg_has_role('ganns_coordinator', 'ganns_viewer', 'MEMBER') THEN
+        GRANT ganns_viewer TO ganns_coordinator;
+    END IF;
+END
+$$;
 
 -- Since PostgreSQL 15 only the database owner may create objects in schema public; older
--- servers let every login do it, and an object there could shadow ours.
+-- servers (and clusters upgraded from them) let every login do it, and a function there
+-- could be picked over a built-in by a query that runs with more rights than its author.
+-- The API below never looks in public (search_path = pg_catalog, pg_temp), but the
+-- coordinator's queries do: refuse to go on unless students cannot create there.
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+DO $$
+BEGIN
+    IF has_schema_privilege('ganns_worker', 'public', 'CREATE')
+       OR has_schema_privilege('ganns_viewer', 'public', 'CREATE') THEN
+        RAISE EXCEPTION 'every login may create objects in schema public: as its owner, run REVOKE CREATE ON SCHEMA public FROM PUBLIC, then apply this migration again';
+    END IF;
+END
+$$;
 
 -- --- what the roles need from the tables ---------------------------------------------
 ALTER TABLE workers
@@ -72,8 +94,10 @@ ALTER TABLE work_units DROP CONSTRAINT work_units_run_id_seq_key;
 CREATE UNIQUE INDEX work_units_run_seq_idx ON work_units (run_id, seq) WHERE replica_of IS NULL;
 CREATE INDEX work_units_replica_idx ON work_units (replica_of) WHERE replica_of IS NOT NULL;
 
--- The largest blob a worker may store for this run; the coordinator sets it from the model.
+-- The largest blob a worker may store for this run (the coordinator sets it from the model),
+-- and the longest a worker may hold a unit, lease renewals included (its --step-timeout).
 ALTER TABLE runs ADD COLUMN max_payload integer NOT NULL DEFAULT 134217728 CHECK (max_payload > 0);
+ALTER TABLE runs ADD COLUMN max_unit_s double precision NOT NULL DEFAULT 600 CHECK (max_unit_s > 0);
 
 GRANT SELECT ON ganns_migrations TO ganns_viewer;
 GRANT SELECT, INSERT, UPDATE, DELETE
@@ -131,9 +155,9 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
         '', 'g')), n);
 $$;
 
--- The caller's own worker row, locked; anyone else's is refused.
+-- The caller's own worker row; anyone else's is refused.
 CREATE FUNCTION ganns_api._own_worker(p_worker bigint) RETURNS public.workers
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     w public.workers;
 BEGIN
@@ -147,7 +171,7 @@ END
 $$;
 
 CREATE FUNCTION ganns_api.active_run() RETURNS SETOF ganns_view.runs
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT * FROM ganns_view.runs WHERE status IN ('running', 'paused') ORDER BY id DESC LIMIT 1;
 $$;
 
@@ -155,7 +179,7 @@ $$;
 -- label it asked for ("alice/laptop"): names on the leaderboard cannot be forged.
 CREATE FUNCTION ganns_api.register(p_label text, p_hostname text, p_device text, p_cpu text, p_gpu text,
                                    OUT worker_id bigint, OUT worker_name text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_login text := session_user;
     v_label text := ganns_api._clean(p_label, 40);
@@ -170,6 +194,10 @@ BEGIN
             RAISE EXCEPTION 'login % has 8 workers online already', v_login
                 USING ERRCODE = 'program_limit_exceeded';
         END IF;
+        IF (SELECT count(*) FROM public.workers WHERE login = v_login AND joined_at > now() - interval '1 minute') >= 20 THEN
+            RAISE EXCEPTION 'login % registered 20 workers in the last minute; wait a minute', v_login
+                USING ERRCODE = 'program_limit_exceeded';
+        END IF;
     END IF;
     INSERT INTO public.workers (name, hostname, device, cpu_info, gpu_info, login)
     VALUES (ganns_api._clean(v_name, 120), ganns_api._clean(p_hostname, 255), ganns_api._clean(p_device, 64),
@@ -182,7 +210,7 @@ $$;
 -- here, from the bound name, so no client writes to the event log). Returns why the worker
 -- is quarantined, or NULL.
 CREATE FUNCTION ganns_api.heartbeat(p_worker bigint, p_state text, p_run bigint) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     w public.workers := ganns_api._own_worker(p_worker);
 BEGIN
@@ -192,8 +220,17 @@ BEGIN
     IF p_run IS NOT NULL AND NOT EXISTS (SELECT 1 FROM public.runs WHERE id = p_run) THEN
         RAISE EXCEPTION 'no run %', p_run USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    UPDATE public.workers SET last_seen = now(), state = p_state, run_id = p_run WHERE id = p_worker;
-    IF p_run IS NOT NULL AND p_run IS DISTINCT FROM w.run_id THEN
+    -- A row that went offline or quiet may come back only within the login's 8 online.
+    IF (w.state = 'offline' OR w.last_seen < now() - interval '2 minutes') AND NOT ganns_api._trusted()
+       AND (SELECT count(*) FROM public.workers
+             WHERE login = w.login AND id <> w.id AND state <> 'offline'
+               AND last_seen > now() - interval '2 minutes') >= 8 THEN
+        RAISE EXCEPTION 'login % has 8 workers online already', w.login USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    -- The run only moves forward (to a newer run): the join is logged once per run.
+    UPDATE public.workers SET last_seen = now(), state = p_state, run_id = coalesce(p_run, run_id)
+     WHERE id = p_worker;
+    IF p_run IS NOT NULL AND (w.run_id IS NULL OR p_run > w.run_id) THEN
         INSERT INTO public.events (run_id, kind, message)
         VALUES (p_run, 'join', w.name || ' joined on ' || w.device);
     END IF;
@@ -203,7 +240,7 @@ $$;
 
 -- Leaving: whatever the worker holds goes back at once, and the log says goodbye.
 CREATE FUNCTION ganns_api.leave(p_worker bigint) RETURNS SETOF bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     w public.workers := ganns_api._own_worker(p_worker);
 BEGIN
@@ -223,14 +260,17 @@ $$;
 CREATE FUNCTION ganns_api.claim(p_worker bigint, p_run bigint, p_lease_s double precision)
 RETURNS TABLE (id bigint, run_id bigint, seq bigint, step integer, version integer, epoch integer,
                indices integer[], noise_seed bigint, weights_at timestamptz)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     w public.workers := ganns_api._own_worker(p_worker);
     v_trusted boolean := ganns_api._trusted();
     v_lease double precision := least(greatest(coalesce(p_lease_s, 60), 10), 120);
 BEGIN
+    -- A student's quarantine holds for all of the login's workers, old and new.
     IF w.quarantined_at IS NOT NULL
+       OR (NOT v_trusted AND EXISTS (SELECT 1 FROM public.workers AS x
+                                      WHERE x.login = w.login AND x.quarantined_at IS NOT NULL))
        OR NOT EXISTS (SELECT 1 FROM public.runs AS r WHERE r.id = p_run AND r.status = 'running') THEN
         RETURN;
     END IF;
@@ -262,7 +302,8 @@ BEGIN
                                 JOIN public.workers AS x ON x.id = o.worker_id
                                WHERE (o.id = c.replica_of OR o.replica_of = c.replica_of) AND o.id <> c.id
                                  AND (x.id = p_worker OR (NOT v_trusted AND x.login = w.login))))
-                    ORDER BY c.id
+                    -- Open steps first; within a step, copies (they hold a result back) first.
+                    ORDER BY c.step, c.replica_of IS NULL, c.id
                     LIMIT 1
                     FOR UPDATE SKIP LOCKED)
        AND u.state = 'pending'
@@ -275,18 +316,23 @@ $$;
 
 CREATE FUNCTION ganns_api.extend_lease(p_worker bigint, p_unit bigint, p_lease_s double precision)
 RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM ganns_api._own_worker(p_worker);
-    UPDATE public.work_units
-       SET lease_until = now() + make_interval(secs => least(greatest(coalesce(p_lease_s, 60), 10), 120))
-     WHERE id = p_unit AND worker_id = p_worker AND state = 'claimed';
+    -- No unit is held longer than the run's max_unit_s, however often its lease is renewed:
+    -- a student cannot sit on the units a round waits for.
+    UPDATE public.work_units AS u
+       SET lease_until = least(now() + make_interval(secs => least(greatest(coalesce(p_lease_s, 60), 10), 120)),
+                               u.claimed_at + make_interval(secs => r.max_unit_s))
+      FROM public.runs AS r
+     WHERE u.id = p_unit AND u.worker_id = p_worker AND u.state = 'claimed' AND r.id = u.run_id
+       AND u.claimed_at + make_interval(secs => r.max_unit_s) > now();
     RETURN FOUND;
 END
 $$;
 
 CREATE FUNCTION ganns_api.release(p_worker bigint, p_unit bigint) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM ganns_api._own_worker(p_worker);
     UPDATE public.work_units SET state = 'pending', worker_id = NULL, lease_until = NULL
@@ -296,7 +342,7 @@ END
 $$;
 
 CREATE FUNCTION ganns_api.weights(p_run bigint, p_version integer) RETURNS bytea
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT payload FROM public.weights WHERE run_id = p_run AND version = p_version;
 $$;
 
@@ -305,7 +351,7 @@ $$;
 -- unit goes back to pending for another worker, and the refusal counts against this one).
 CREATE FUNCTION ganns_api.submit(p_worker bigint, p_unit bigint, p_n_samples integer, p_payload bytea)
 RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     w public.workers := ganns_api._own_worker(p_worker);
     u public.work_units;
@@ -338,11 +384,12 @@ BEGIN
 END
 $$;
 
--- A unit the worker cannot compute (indices outside its dataset, say). It goes to someone
--- else; once two logins (or one trusted worker) reported it, it is cancelled, and the
--- coordinator's round goes on without it.
+-- A unit the worker cannot compute (indices outside its dataset, say). It goes to another
+-- login (the report counts against this one), and is cancelled only on the word of a
+-- trusted worker: students cannot cancel units, even together. A unit nobody can compute
+-- waits for its step's deadline.
 CREATE FUNCTION ganns_api.report_unusable(p_worker bigint, p_unit bigint, p_reason text) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     w public.workers := ganns_api._own_worker(p_worker);
     u public.work_units;
@@ -358,24 +405,21 @@ END
 $$;
 
 -- Internal: log why a unit came back, count it against the worker, and requeue the unit,
--- or cancel it when reports come from two logins or a trusted worker.
+-- or cancel it when a trusted worker reported it unusable.
 CREATE FUNCTION ganns_api._refuse(w public.workers, u public.work_units, p_reason text) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_state text := 'pending';
 BEGIN
     INSERT INTO public.rejections (run_id, unit_id, worker_id, reason) VALUES (u.run_id, u.id, w.id, p_reason);
-    -- Three refusals and the worker is quarantined (the coordinator applies the same rule,
-    -- QUARANTINE_AFTER in intake.py, to results it refuses).
+    -- Three refusals among a login's workers and the worker is quarantined (the coordinator
+    -- applies the same rule, QUARANTINE_AFTER in intake.py, to results it refuses).
+    UPDATE public.workers SET refused = refused + 1 WHERE id = w.id;
     UPDATE public.workers
-       SET refused = refused + 1,
-           quarantined_at = CASE WHEN refused + 1 >= 3 THEN coalesce(quarantined_at, now()) ELSE quarantined_at END,
-           quarantine_reason = CASE WHEN refused + 1 >= 3 THEN coalesce(quarantine_reason, '3 units refused or reported')
-                                    ELSE quarantine_reason END
-     WHERE id = w.id;
-    IF p_reason LIKE 'unusable: %' AND (ganns_api._trusted() OR
-        (SELECT count(DISTINCT x.login) FROM public.rejections AS j JOIN public.workers AS x ON x.id = j.worker_id
-          WHERE j.unit_id = u.id AND j.reason LIKE 'unusable: %') >= 2) THEN
+       SET quarantined_at = now(), quarantine_reason = '3 units refused or reported'
+     WHERE id = w.id AND quarantined_at IS NULL
+       AND (SELECT sum(x.refused) FROM public.workers AS x WHERE x.login = w.login) >= 3;
+    IF p_reason LIKE 'unusable: %' AND ganns_api._trusted() THEN
         v_state := 'cancelled';
     END IF;
     UPDATE public.work_units SET state = v_state, worker_id = NULL, lease_until = NULL WHERE id = u.id;
@@ -390,7 +434,7 @@ $$;
 
 -- Where the worker stands among the run's workers, by images contributed.
 CREATE FUNCTION ganns_api.rank(p_worker bigint, OUT rank bigint, OUT total bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     w public.workers := ganns_api._own_worker(p_worker);
 BEGIN

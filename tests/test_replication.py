@@ -92,7 +92,8 @@ def test_a_student_whose_results_disagree_is_quarantined_and_never_counts(
                                                   class_logins.names[2]: False}, rows
     events = [r["message"] for r in asyncio.run(_fetch(class_logins.admin,
                                                        "SELECT message FROM events WHERE kind = 'quarantine'"))]
-    assert len(events) == 1 and "mallory" in events[0] and "disagreed" in events[0]
+    # One event per result of hers that two others outvoted (two units may be in dispute at once).
+    assert events and all("mallory" in e and "disagreed" in e for e in events), events
 
     async def dashboard_states() -> dict[str, str]:
         db = await Database.open(class_logins.viewer, max_size=1)  # the dashboards' own login

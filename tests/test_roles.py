@@ -201,30 +201,74 @@ def test_the_api_sets_the_limits_not_the_client(class_logins: ClassLogins) -> No
     asyncio.run(main())
 
 
-def test_an_unusable_unit_is_cancelled_once_two_students_report_it(class_logins: ClassLogins) -> None:
+def test_students_cannot_cancel_a_unit_by_reporting_it_unusable(class_logins: ClassLogins) -> None:
+    """A report sends the unit to another login and counts against the reporter; only the
+    instructor's machines can cancel a unit (tests/test_recovery.py)."""
+
     async def main() -> None:
         run_id = await _run_with_units(class_logins.admin, n=1)
-        a = await Database.open(class_logins.alice, max_size=1)
-        b = await Database.open(class_logins.bob, max_size=1)
+        dbs = {who: await Database.open(class_logins.url(who), max_size=1) for who in ("alice", "bob", "mallory")}
         admin = await asyncpg.connect(class_logins.admin)
         try:
-            wa = (await a.fetchrow("api_register", "", "h", "cpu", None, None))["worker_id"]
-            wb = (await b.fetchrow("api_register", "", "h", "cpu", None, None))["worker_id"]
-            unit = await a.fetchrow("api_claim", wa, run_id, 60)
-            assert await a.fetchval("api_report_unusable", wa, unit["id"], "index out of range") == "pending"
-            assert await a.fetchrow("api_claim", wa, run_id, 60) is None  # not back to the reporter
-            again = await b.fetchrow("api_claim", wb, run_id, 60)
+            me = {who: (await db.fetchrow("api_register", "", "h", "cpu", None, None))["worker_id"]
+                  for who, db in dbs.items()}
+            unit = await dbs["alice"].fetchrow("api_claim", me["alice"], run_id, 60)
+            assert await dbs["alice"].fetchval("api_report_unusable", me["alice"], unit["id"], "bad index") == "pending"
+            assert await dbs["alice"].fetchrow("api_claim", me["alice"], run_id, 60) is None  # not back to her
+            again = await dbs["bob"].fetchrow("api_claim", me["bob"], run_id, 60)
             assert again["id"] == unit["id"]
-            assert await b.fetchval("api_report_unusable", wb, unit["id"], "index out of range") == "cancelled"
-            assert await admin.fetchval("SELECT state FROM work_units WHERE id = $1", unit["id"]) == "cancelled"
+            assert await dbs["bob"].fetchval("api_report_unusable", me["bob"], unit["id"], "bad index") == "pending"
+            assert await admin.fetchval("SELECT state FROM work_units WHERE id = $1", unit["id"]) == "pending"
+            third = await dbs["mallory"].fetchrow("api_claim", me["mallory"], run_id, 60)
+            assert third["id"] == unit["id"]
             reasons = [r["reason"] for r in await admin.fetch("SELECT reason FROM rejections ORDER BY id")]
-            assert reasons == ["unusable: index out of range"] * 2
+            assert reasons == ["unusable: bad index"] * 2
         finally:
-            await a.close()
-            await b.close()
+            for db in dbs.values():
+                await db.close()
             await admin.close()
 
     asyncio.run(main())
+
+
+def test_quarantine_holds_for_the_login_and_units_cannot_be_held_forever(class_logins: ClassLogins) -> None:
+    async def main() -> None:
+        run_id = await _run_with_units(class_logins.admin, n=6)
+        admin = await asyncpg.connect(class_logins.admin)
+        db = await Database.open(class_logins.alice, max_size=1)
+        try:
+            await admin.execute("UPDATE runs SET max_payload = 10 WHERE id = $1", run_id)
+            me = (await db.fetchrow("api_register", "one", "h", "cpu", None, None))["worker_id"]
+            # A lease renewed past the run's max_unit_s is not renewed: the unit goes to others.
+            held = await db.fetchrow("api_claim", me, run_id, 60)
+            assert await db.fetchval("api_extend_lease", me, held["id"], 60) is True
+            await admin.execute("UPDATE work_units SET claimed_at = now() - interval '1 hour' WHERE id = $1",
+                                held["id"])
+            assert await db.fetchval("api_extend_lease", me, held["id"], 60) is False
+            assert await db.fetchval("api_release", me, held["id"]) is True
+            # Three refused results across the login's workers quarantine it ...
+            for _ in range(3):
+                unit = await db.fetchrow("api_claim", me, run_id, 60)
+                assert (await db.fetchval("api_submit", me, unit["id"], 2, b"x" * 11)).startswith("refused")
+            assert await db.fetchrow("api_claim", me, run_id, 60) is None
+            assert await db.fetchval("api_heartbeat", me, "idle", run_id) == "3 units refused or reported"
+            # ... and a new worker row of the same login starts no cleaner.
+            fresh = (await db.fetchrow("api_register", "two", "h", "cpu", None, None))["worker_id"]
+            assert await db.fetchrow("api_claim", fresh, run_id, 60) is None
+            assert await admin.fetchval("SELECT quarantined FROM ganns_view.workers WHERE id = $1", me) is True
+        finally:
+            await db.close()
+            await admin.close()
+
+    asyncio.run(main())
+
+
+def test_a_students_url_never_carries_the_admins_credentials() -> None:
+    from ganns_async.logins import login_url
+
+    url = login_url("postgresql://admin:pw@db.example:5432/ganns?sslmode=verify-full&user=admin&password=s3cret"
+                    "&sslkey=/k&host=db.example", "alice", "pa ss")
+    assert url == "postgresql://alice:pa%20ss@db.example:5432/ganns?sslmode=verify-full&host=db.example"
 
 
 def test_add_student_cli_prints_a_url_that_logs_in_as_a_worker(migrated_url: str) -> None:
