@@ -243,7 +243,7 @@ def coordinator(
                                 help="Safety sweep interval: requeue expired leases, catch lost notifications."),
     spot_check: float = typer.Option(0.05, "--spot-check", envvar="GANNS_SPOT_CHECK", min=0.0, max=1.0,
                                      help="Share of results recomputed by another student's worker and compared "
-                                          "before they count (each worker's first 2 results always are); a "
+                                          "before they count (a new worker's always are, until 2 agreed); a "
                                           "worker whose result disagrees with two others is quarantined. 0 "
                                           "turns replication off."),
     lr: float = typer.Option(2e-4, "--lr", envvar="GANNS_LR", help="Adam learning rate (both networks)."),

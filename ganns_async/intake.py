@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from ganns_async.training import (
     gradient_spec,
     split_result,
 )
+
+log = logging.getLogger("ganns_async.coordinator")
 
 MAX_UNIT_ATTEMPTS = 3  # a unit whose gradient was rejected this often is given up on
 QUARANTINE_AFTER = 3   # results refused (or units reported unusable) before a worker gets no more units
@@ -180,6 +183,8 @@ class GradientIntake:
         agreement = await loop.run_in_executor(self._decoders, compare, first.result, copy.result)
         if len(held) == 1:
             if agreement.within(self.tolerance):
+                log.info("unit %s checked: %s and %s agree (%s)", original, first.row.who, g.who,
+                         agreement.describe())
                 del self._held[original]
                 self.spot.confirmed(first.row.worker_id)
                 self.spot.confirmed(g.worker_id)
