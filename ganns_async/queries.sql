@@ -128,8 +128,15 @@ SELECT count(*) FROM workers
 -- name: online_workers_any
 -- Workers online whatever run they last worked on: the next round's width when
 -- --units-per-step is auto (a waiting worker joins the active run when it sees it).
-SELECT count(*) FROM workers
- WHERE state <> 'offline' AND last_seen > now() - make_interval(secs => $1);
+-- A student holds at most 2 units at once (ganns_api.claim), so more of one login's workers
+-- would only widen the round with units nobody can take yet; quarantined workers get none.
+SELECT coalesce(sum(CASE WHEN trusted THEN n ELSE least(n, 2) END), 0)::bigint FROM (
+    SELECT count(*) AS n,
+           CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = login)
+                THEN pg_has_role(login, 'ganns_coordinator', 'USAGE') ELSE false END AS trusted
+      FROM workers
+     WHERE state <> 'offline' AND quarantined_at IS NULL AND last_seen > now() - make_interval(secs => $1)
+     GROUP BY login) AS per_login;
 -- name: queued_rounds
 -- The rounds planned from step $2 on: where each starts in the schedule and how wide it is.
 SELECT step, min(seq) AS start, count(*) AS width FROM work_units

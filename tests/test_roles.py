@@ -307,3 +307,23 @@ def test_a_login_in_the_wrong_role_gets_one_line_not_a_traceback(class_logins: C
         assert done.returncode != 0, (args, done.stdout, done.stderr)
         assert "Traceback" not in done.stderr and "permission denied" in done.stderr, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_one_students_many_workers_do_not_widen_the_round(class_logins: ClassLogins) -> None:
+    async def main() -> None:
+        db = await Database.open(class_logins.alice, max_size=1)
+        admin = await Database.open(class_logins.admin, max_size=1)
+        try:
+            for i in range(5):
+                await db.fetchrow("api_register", f"m{i}", "h", "cpu", None, None)
+            owner = await admin.fetchrow("api_register", "lab-pc", "h", "cpu", None, None)
+            await admin.fetchrow("api_register", "lab-pc-2", "h", "cpu", None, None)
+            # alice's five count as the two units she can hold; the instructor's machines all count.
+            assert await admin.fetchval("online_workers_any", 60.0) == 2 + 2
+            await admin.execute("quarantine_now", owner["worker_id"], "test")
+            assert await admin.fetchval("online_workers_any", 60.0) == 2 + 1
+        finally:
+            await db.close()
+            await admin.close()
+
+    asyncio.run(main())
