@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import asyncpg
 import pytest
 import torch
 import zstandard
@@ -23,7 +22,7 @@ from ganns_async.errors import PayloadError
 from ganns_async.intake import GradientIntake
 from ganns_async.screening import Norms
 from ganns_async.training import StepAccumulator, TrainConfig, Trainer, plan_unit, run_unit
-from test_end_to_end import _spawn, _stop
+from test_end_to_end import _fetch, _spawn, _stop
 from test_equivalence import SEED, STEPS, UNIT, _max_diff, _train_local
 
 CFG = TrainConfig(seed=SEED, unit_size=UNIT, units_per_step=2, max_staleness=0, local_steps=1, grad_dtype="fp32")
@@ -128,14 +127,6 @@ def test_each_hostile_result_is_refused_and_the_model_unharmed(
     opt, _ = probe.optimizer_tensors()
     assert all(bool(torch.isfinite(t).all()) for t in [*opt.values(), *probe.state().values()]
                if t.is_floating_point())
-
-
-async def _fetch(url: str, sql: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(url)
-    try:
-        return await conn.fetch(sql)
-    finally:
-        await conn.close()
 
 
 @pytest.mark.parametrize("attack", ["scale", "flip"])

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import asyncpg
 import torch
 
 from conftest import REPO, ClassLogins
@@ -17,7 +16,7 @@ from ganns_async.cluster_state import read_snapshot
 from ganns_async.db import Database
 from ganns_async.replication import EXACT_TOLERANCE, LOCAL_TOLERANCE, SpotCheck, compare
 from ganns_async.training import UnitResult
-from test_end_to_end import _spawn, _stop
+from test_end_to_end import _fetch, _spawn, _stop
 from test_equivalence import SEED, STEPS, UNIT, _max_diff, _train_local
 
 
@@ -51,14 +50,6 @@ def test_spot_check_checks_new_workers_then_a_share() -> None:
     share = sum(spot.wanted(7) for _ in range(4000)) / 4000
     assert 0.2 < share < 0.3
     assert not any(SpotCheck(rate=0.0).wanted(1) for _ in range(100))
-
-
-async def _fetch(url: str, sql: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(url)
-    try:
-        return await conn.fetch(sql)
-    finally:
-        await conn.close()
 
 
 def test_a_student_whose_results_disagree_is_quarantined_and_never_counts(
