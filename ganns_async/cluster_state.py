@@ -25,6 +25,7 @@ from ganns_async.db import (
     Listener,
 )
 from ganns_async.model import Discriminator, Generator
+from ganns_async.states import QUARANTINED, STALE, WorkerState
 from ganns_async.terminal import printable
 from ganns_async.training import (
     TrainConfig,
@@ -81,10 +82,10 @@ async def read_snapshot(
     workers = []
     for r in workers_rows:
         state = r["state"]
-        if state != "offline" and r["last_seen_s"] > STALE_AFTER_S:
-            state = "stale"
+        if state != WorkerState.OFFLINE and r["last_seen_s"] > STALE_AFTER_S:
+            state = STALE
         if r["quarantined"]:
-            state = "quarantined"  # gets no more units: its results were refused or disagreed
+            state = QUARANTINED  # gets no more units: its results were refused or disagreed
         alive = max(1e-6, float(r["alive_s"] or 0))
         workers.append(WorkerRow(
             name=printable(r["name"], 64), device=printable(r["device"], 32), state=state,

@@ -14,8 +14,15 @@ coordinator stops); ``--resume`` rewinds to the last saved state and the replaye
 compute what the lost ones did, because units are deterministic.
 
 Besides notifications, one periodic query runs: a safety sweep every ``sweep_s`` seconds
-that returns units with expired leases to pending and picks up any gradient whose
-notification was lost while the listener reconnected.
+that returns units with expired leases to pending, pings the run lock's connection, and
+picks up any gradient whose notification was lost while the listener reconnected.
+
+Faults: a lost connection anywhere means back off (``retry.Backoff``), reconnect and go on.
+Publishing a step is safe to repeat (absolute values, ``ON CONFLICT DO NOTHING``, the
+in-memory state moves only after the commit), so it is simply retried. Every reconnect of
+the listener (a server restart, a crash) also requeues units whose results the crash took
+with the UNLOGGED gradients table. The run lock is kept by a side task that takes it again
+after a lost connection, and stops the coordinator if a rival took it meanwhile.
 """
 
 from __future__ import annotations
@@ -41,14 +48,14 @@ from ganns_async.db import (
     GRADIENTS_CHANNEL,
     Database,
     Listener,
-    backoff_delays,
-    hold_run_lock,
+    RunLock,
 )
 from ganns_async.errors import UserError
 from ganns_async.evaluation import Evaluator
 from ganns_async.intake import PARALLEL_FETCHES, GradientIntake
 from ganns_async.migrate import require_migrated
 from ganns_async.outputs import CHECKPOINT_NAME, OutputWriter
+from ganns_async.retry import Backoff, SideTasks, describe_error, retrying
 from ganns_async.steps import CloseDecision, Round, StepBook, idle_notice
 from ganns_async.store import CoordinatorStore, NewUnit, StepRecord
 from ganns_async.terminal import printable
@@ -117,7 +124,9 @@ class Coordinator:
         self.outputs = OutputWriter(opts.out, self._executor)
         self.evaluator: Evaluator | None = None
         self.publisher: Any = None  # HubPublisher when --hf-repo is given
-        self._lock_conn: Any = None
+        self._lock: RunLock | None = None
+        self.side = SideTasks(log, self.wake)  # listener, run lock: the coordinator stops if one dies
+        self._check_results = False  # set on every reconnect: a crash may have emptied the gradients table
         self._vacuum_task: asyncio.Task[None] | None = None
         self.intake: GradientIntake | None = None
         self._control_changed = False
@@ -135,12 +144,23 @@ class Coordinator:
             self._control_changed = True
         self.wake.set()
 
+    def _reconnected(self) -> None:
+        """The listener (re)connected: notifications may have been lost, and if the server
+        crashed, so were the stored results of units marked done."""
+        self._check_results = True
+        self._control_changed = True
+        self.wake.set()
+
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _event(self, kind: str, message: str) -> None:
         log.info("%s: %s", kind, printable(message, 300))  # may quote a student's words
         await self.store.event(self.run_id, kind, message)
+
+    async def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn`` (safe to repeat) until the database answers: one policy for the whole process."""
+        return await retrying(fn, log=log, what=f"{what}: database unavailable", retry_on=CONNECTION_ERRORS)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -154,7 +174,7 @@ class Coordinator:
             from ganns_async.hub_publisher import HubPublisher
 
             self.publisher = HubPublisher(opts.hf_repo, private=opts.hf_private, out=opts.out,
-                                          event=lambda msg: self._event("hub", msg),
+                                          event=lambda msg: self._retry("logging", lambda: self._event("hub", msg)),
                                           outputs_written=self.outputs.wait)
             self.publisher.check_token()
         opts.out.mkdir(parents=True, exist_ok=True)
@@ -163,9 +183,9 @@ class Coordinator:
         finished = False
         try:
             await require_migrated(self.db)
-            self.listener = Listener(opts.db_url, [GRADIENTS_CHANNEL, CONTROL_CHANNEL], self._notify, self.wake.set,
-                                     application_name=APPLICATION_NAME)
-            await self.listener.start()
+            self.listener = Listener(opts.db_url, [GRADIENTS_CHANNEL, CONTROL_CHANNEL], self._notify,
+                                     self._reconnected, application_name=APPLICATION_NAME)
+            self.side.watch(await self.listener.start())
             if opts.resume:
                 await self._resume()
             else:
@@ -204,11 +224,11 @@ class Coordinator:
         if self._vacuum_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._vacuum_task, 10)
+        await self.side.cancel_all()
         if self.listener is not None:
             await self.listener.close()
-        if self._lock_conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._lock_conn.close(), 5)
+        if self._lock is not None:
+            await self._lock.close()
         if self.db is not None:
             await self.db.close()
         if self.evaluator is not None:
@@ -261,7 +281,7 @@ class Coordinator:
             log.info("run %s was still active: marked stopped (use --resume to continue a run)", old)
         run = await self.store.create_run(cfg.to_json(), self.dataset.fingerprint, len(self.dataset))
         self.run_id = run.id
-        self._lock_conn = await hold_run_lock(self.opts.db_url, run.id, application_name=APPLICATION_NAME)
+        await self._take_lock(run.id)
         self.trainer = Trainer(cfg)
         self.trainer_version = 0
         self.images_seen = 0
@@ -286,10 +306,7 @@ class Coordinator:
                 f"cannot resume run {run.id}: it trained on a different dataset "
                 f"(fingerprint {run.dataset_fingerprint}, --data has {self.dataset.fingerprint})"
             )
-        self._lock_conn = await hold_run_lock(self.opts.db_url, run.id, application_name=APPLICATION_NAME)
-        if self._lock_conn is None:
-            raise UserError(f"run {run.id} is being coordinated by another process (it holds the run's lock); "
-                            "stop that coordinator first")
+        await self._take_lock(run.id)
         run = await self.store.get_run(run.id)  # re-read now that it is ours
         assert run is not None
         self.run_id = run.id
@@ -336,6 +353,15 @@ class Coordinator:
             self.book.queued(rounds)
             await self._event("run", f"run {run.id} resumed at step {version} ({requeued} unit(s) queued again)")
         self._publish()
+
+    async def _take_lock(self, run_id: int) -> None:
+        """One coordinator per run; the lock is kept (taken again after a lost connection)."""
+        self._lock = RunLock(self.opts.db_url, run_id, application_name=APPLICATION_NAME)
+        if not await self._lock.acquire():
+            self._lock = None
+            raise UserError(f"run {run_id} is being coordinated by another process (it holds the run's lock); "
+                            "stop that coordinator first")
+        self.side.start(self._lock.keep(), "run-lock")
 
     def _load_state(self, payload: bytes, optimizer: bytes | None) -> dict[str, Any]:
         spec = codec.tensor_spec(self.trainer.state())
@@ -393,8 +419,9 @@ class Coordinator:
         """Returns True when the run ended (max_steps reached or stopped by the operator)."""
         assert self.intake is not None
         next_sweep = time.monotonic() + self.opts.sweep_s
-        backoff = iter(backoff_delays())
+        backoff = Backoff()
         while True:
+            self.side.check()
             if self.book.finished():
                 await self._finish()
                 return True
@@ -402,6 +429,8 @@ class Coordinator:
             try:
                 if await self._stopped_by_operator():
                     return True
+                if self._check_results:
+                    await self._requeue_lost_results()
                 await self.intake.drain()
                 now = time.monotonic()
                 if self.book.overdue(now):
@@ -409,21 +438,18 @@ class Coordinator:
                 if now >= next_sweep:
                     await self._sweep()
                     next_sweep = now + self.opts.sweep_s
-            except CONNECTION_ERRORS as exc:
-                # Reading and folding gradients is safe to repeat (each unit counts once).
-                delay = next(backoff)
-                log.warning("database unavailable (%s); retrying in %.1fs", type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-                continue
-            backoff = iter(backoff_delays())
-            decision = self.book.ready(time.monotonic())
-            if decision is not None:
-                try:
+                decision = self.book.ready(time.monotonic())
+                if decision is not None:
                     await self._close_step(decision)
-                except CONNECTION_ERRORS as exc:
-                    raise UserError(f"lost the database while publishing step {self.step}: {exc}; "
-                                    "restart the coordinator with --resume") from exc
+                    backoff.reset()
+                    continue
+            except CONNECTION_ERRORS as exc:
+                # Reading and folding gradients is safe to repeat (each unit counts once), and
+                # so is everything before a step's commit (see _close_step).
+                self._check_results = True
+                await backoff.wait(log, "database unavailable", exc)
                 continue
+            backoff.reset()
             now = time.monotonic()
             timeout = max(0.05, self.book.wake_at(now, next_sweep) - now)
             await wait_event(self.wake, timeout)
@@ -443,9 +469,24 @@ class Coordinator:
         await self._event("run", f"run {self.run_id} stopped by the operator at step {self.step}")
         return True
 
-    async def _sweep(self) -> None:
-        """The safety sweep: expired leases back to pending; lost notifications caught up by the next drain."""
+    async def _requeue_lost_results(self) -> None:
+        """Units marked done whose results are gone (a server crash empties the UNLOGGED
+        gradients table) are computed again, at once."""
         assert self.run_id is not None
+        lost = await self.store.requeue_lost_results(self.run_id, self.book.step)
+        self._check_results = False
+        if lost:
+            self.status.requeued += len(lost)
+            await self._event("requeue", f"{len(lost)} result(s) were lost with the database server's restart "
+                                         f"(units {', '.join(map(str, lost[:8]))}{'...' if len(lost) > 8 else ''}); "
+                                         "computing them again")
+
+    async def _sweep(self) -> None:
+        """The safety sweep: expired leases back to pending, the run lock's connection pinged;
+        lost notifications are caught up by the next drain."""
+        assert self.run_id is not None
+        if self._lock is not None:
+            await self._lock.check()
         for unit_id, step, who in await self.store.requeue_expired_leases(self.run_id):
             self.status.requeued += 1
             await self._event("requeue", f"unit {unit_id} (step {step}) lease expired on "
@@ -470,6 +511,16 @@ class Coordinator:
         return last or version % self.opts.state_every == 0
 
     async def _close_step(self, decision: CloseDecision) -> None:
+        """Apply the step, write and announce the new version, then move on in memory.
+
+        Until the announcement commits, a lost connection is simply retried: the Adam step
+        is applied once (``_advance`` knows which version the weights hold), the encoded
+        blobs, the rounds and the sum stay as they were, and every statement of the
+        announcement is safe to repeat. No gradient is drained meanwhile, so the sum that
+        is announced is the sum that is taken. After the commit, housekeeping (pruning,
+        events, files) never undoes the step: a failure there is logged and tried again
+        at the next step.
+        """
         assert self.run_id is not None and self.intake is not None
         closed = decision.step
         version = closed + 1
@@ -481,24 +532,31 @@ class Coordinator:
         t0 = time.perf_counter()
         weights, optimizer = await self._in_thread(self._advance, acc, version, with_state, images_after, round_start)
         t1 = time.perf_counter()
-        if self._vacuum_task is not None and not self._vacuum_task.done():
-            # The space the last step freed becomes reusable when its vacuum ends; writing
-            # before that would grow the file instead. Usually done already (20-75 ms); a
-            # vacuum waiting to trim the file's end can take seconds, and is not waited for.
-            await asyncio.wait({self._vacuum_task}, timeout=0.5)
-        # The heavy write first, in its own transaction; the light one below announces it.
-        await self.store.write_weights(self.run_id, version, weights, optimizer)
-        del weights, optimizer
-        t2 = time.perf_counter()
         metrics = acc.metrics()
         position = round_start * self.cfg.images_per_unit  # images of the schedule behind this version
         epoch = max(0, position - 1) // len(self.dataset)
         next_seq = rounds[-1].end if rounds else self.book.next_seq
-        await self.store.publish_step(
-            self.run_id, version=version, partial_step=closed if decision.partial else None,
-            units=self._plan(rounds, version), next_seq=next_seq, images_seen=images_after,
-            record=StepRecord(version, epoch, acc.n, len(acc.units), metrics))
-        t3 = time.perf_counter()
+        units = self._plan(rounds, version)
+        record = StepRecord(version, epoch, acc.n, len(acc.units), metrics)
+        timings: list[float] = []
+
+        async def announce() -> None:
+            assert self.run_id is not None
+            if self._vacuum_task is not None and not self._vacuum_task.done():
+                # The space the last step freed becomes reusable when its vacuum ends; writing
+                # before that would grow the file instead. Usually done already (20-75 ms); a
+                # vacuum waiting to trim the file's end can take seconds, and is not waited for.
+                await asyncio.wait({self._vacuum_task}, timeout=0.5)
+            ta = time.perf_counter()
+            # The heavy write first, in its own transaction; the light one below announces it.
+            await self.store.write_weights(self.run_id, version, weights, optimizer)
+            tb = time.perf_counter()
+            await self.store.publish_step(
+                self.run_id, version=version, partial_step=closed if decision.partial else None,
+                units=units, next_seq=next_seq, images_seen=images_after, record=record)
+            timings[:] = [tb - ta, time.perf_counter() - tb]
+
+        await self._retry(f"publishing step {version}", announce)
         # Committed: only now does the in-memory state move on.
         self.book.queued(rounds)
         self.images_seen = images_after
@@ -507,15 +565,8 @@ class Coordinator:
         self.book.close(time.monotonic())
         self.intake.take(closed)
         self._contributors.update(acc.workers)
-        # A unit computed on a version older than version - K is stale whatever it feeds.
-        await self.store.prune(self.run_id, keep_versions_from=max(0, version - self.cfg.max_staleness),
-                               keep_state_version=self.state_version)
-        self._vacuum()
         self.status.epoch = epoch
         self.status.history.append({"step": version, **metrics})
-        if decision.partial:
-            why = "on its deadline" if decision.reason == "deadline" else "without its given-up unit(s)"
-            await self._event("step", f"step {closed} closed {why} with {len(acc.units)} unit(s)")
         log.info("step %d (epoch %d, %.0f%% through it): %d images from %d unit(s), %d worker(s); "
                  "d_loss=%.3f g_loss=%.3f D(x)=%.3f D(G(z))=%.3f",
                  version, position // len(self.dataset), 100 * (position % len(self.dataset)) / len(self.dataset),
@@ -523,16 +574,36 @@ class Coordinator:
                  metrics.get("g_loss", float("nan")), metrics.get("d_x", float("nan")),
                  metrics.get("d_g_z", float("nan")))
         log.debug("step %d timings: adam+encode %.3fs, weights write %.3fs, announce %.3fs%s",
-                  version, t1 - t0, t2 - t1, t3 - t2, " (with state)" if with_state else "")
-        await self._check_idle()
+                  version, t1 - t0, *timings, " (with state)" if with_state else "")
         if self.opts.eval_every and version % self.opts.eval_every == 0 and self.evaluator is not None:
             self.evaluator.schedule(version, self.trainer)
-        if version % self.opts.checkpoint_every == 0:
-            self._queue_outputs()
-            await self.outputs.metrics_plot(await self.store.run_metrics(self.run_id), self.run_id)
+        if version % self.opts.checkpoint_every == 0 or self.outputs.failing is not None:
+            self._queue_outputs()  # every step while writing fails, until it works again
         if self.publisher is not None and version % (self.opts.hf_push_every or self.opts.checkpoint_every) == 0:
             self.publisher.maybe_push(self._push_info())
         self._publish()
+        try:
+            await self._housekeeping(version, decision, acc)
+        except CONNECTION_ERRORS as exc:
+            log.warning("after publishing step %d: %s; its housekeeping runs again with the next step",
+                        version, describe_error(exc))
+
+    async def _housekeeping(self, version: int, decision: CloseDecision, acc: StepAccumulator) -> None:
+        """After a step's commit: drop what nobody needs any more, say what happened."""
+        assert self.run_id is not None
+        # A unit computed on a version older than version - K is stale whatever it feeds.
+        await self.store.prune(self.run_id, keep_versions_from=max(0, version - self.cfg.max_staleness),
+                               keep_state_version=self.state_version)
+        self._vacuum()
+        if decision.partial:
+            why = "on its deadline" if decision.reason == "deadline" else "without its given-up unit(s)"
+            await self._event("step", f"step {decision.step} closed {why} with {len(acc.units)} unit(s)")
+        news = self.outputs.news()
+        if news is not None:
+            await self._event("files", news)
+        await self._check_idle()
+        if version % self.opts.checkpoint_every == 0:
+            await self.outputs.metrics_plot(await self.store.run_metrics(self.run_id), self.run_id)
 
     def _vacuum(self) -> None:
         """Return the space of the blobs just pruned, off the step's critical path."""
@@ -572,17 +643,19 @@ class Coordinator:
         if self.opts.eval_every:
             self.evaluator.schedule(self.step, self.trainer)
         await self.evaluator.wait()
+        run_id = self.run_id
         self._queue_outputs()
         await self.outputs.wait(strict=True)
-        await self.outputs.metrics_plot(await self.store.run_metrics(self.run_id), self.run_id)
+        rows = await self._retry("reading the metrics", lambda: self.store.run_metrics(run_id))
+        await self.outputs.metrics_plot(rows, run_id)
         if self.publisher is not None:
             await self.publisher.final_push(self._push_info())
-        await self._save_state()
-        await self.store.set_status(self.run_id, "done")
+        await self._retry("saving the optimizer state", self._save_state)
+        await self._retry("marking the run done", lambda: self.store.set_status(run_id, "done"))
         summary = self.evaluator.summary()
         if summary:
-            await self._event("quality", summary)
-        await self._event("run", f"run {self.run_id} finished at step {self.step}")
+            await self._retry("logging", lambda: self._event("quality", summary))
+        await self._retry("logging", lambda: self._event("run", f"run {run_id} finished at step {self.step}"))
         log.info("checkpoint: %s", self.opts.out / CHECKPOINT_NAME)
 
     # --- outputs, quality, the Hub -------------------------------------------------------
@@ -593,8 +666,9 @@ class Coordinator:
                            run_id=self.run_id)
 
     async def _record_swd(self, step: int, swd: float) -> None:
-        assert self.run_id is not None
-        await self.store.record_swd(self.run_id, step, swd)
+        run_id = self.run_id
+        assert run_id is not None
+        await self._retry(f"recording SWD of step {step}", lambda: self.store.record_swd(run_id, step, swd))
         self._publish()
 
     @property

@@ -30,6 +30,8 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
+from ganns_async.states import QUARANTINED, STALE, WorkerState
+
 __all__ = [
     "ClusterSnapshot",
     "EventLine",
@@ -53,7 +55,7 @@ class WorkerRow:
 
     name: str
     device: str  # e.g. "cpu", "cuda", "cuda:0"
-    state: str  # "idle" | "computing" | "uploading" | "stale" | "offline" | "quarantined"
+    state: str  # a WorkerState, or the labels STALE / QUARANTINED (ganns_async/states.py)
     units_done: int
     images_done: int
     images_per_s: float  # recent rate, 0 if unknown
@@ -118,7 +120,7 @@ class WorkerSnapshot:
     device: str
     connection: str  # "connecting", "connected", "reconnecting"
     run_id: int | None
-    state: str  # "waiting", "idle", "computing", "uploading", "paused"
+    state: str  # a WorkerState
     unit_id: int | None
     unit_step: int | None
     unit_progress: float | None  # 0..1 of the current unit, None when idle
@@ -147,14 +149,14 @@ _SERIES_COLORS = {
 }
 
 _WORKER_STATE_STYLES = {
-    "computing": "green",
-    "uploading": "cyan",
-    "idle": "white",
-    "stale": "yellow",
-    "quarantined": "bold red",
-    "offline": "grey50",
-    "waiting": "grey50",
-    "paused": "yellow",
+    WorkerState.COMPUTING: "green",
+    WorkerState.UPLOADING: "cyan",
+    WorkerState.IDLE: "white",
+    WorkerState.OFFLINE: "grey50",
+    WorkerState.WAITING: "grey50",
+    WorkerState.PAUSED: "yellow",
+    STALE: "yellow",
+    QUARANTINED: "bold red",
 }
 
 _RUN_STATUS_STYLES = {
@@ -530,14 +532,14 @@ def _sorted_workers(snap: ClusterSnapshot) -> list[tuple[int | None, WorkerRow]]
     by_images = sorted(snap.workers, key=lambda w: (-w.images_done, w.name))
     if snap.leaderboard:
         return [(i + 1, w) for i, w in enumerate(by_images)]
-    active = [w for w in by_images if w.state != "offline"]
-    offline = [w for w in by_images if w.state == "offline"]
+    active = [w for w in by_images if w.state != WorkerState.OFFLINE]
+    offline = [w for w in by_images if w.state == WorkerState.OFFLINE]
     return [(None, w) for w in active + offline]
 
 
 def _workers_panel(snap: ClusterSnapshot, width: int, rows: int) -> Panel:
     inner = width - 4
-    online = sum(1 for w in snap.workers if w.state != "offline")
+    online = sum(1 for w in snap.workers if w.state != WorkerState.OFFLINE)
     offline = len(snap.workers) - online
     title = Text(f"workers · {online} online")
     if offline:
@@ -569,14 +571,14 @@ def _workers_panel(snap: ClusterSnapshot, width: int, rows: int) -> Panel:
         if snap.leaderboard:
             assert rank is not None
             cells.append(_MEDALS[rank - 1] if rank <= len(_MEDALS) else f"{rank}.")
-        cells.append(Text(w.name, style="bold" if w.state != "offline" else ""))
+        cells.append(Text(w.name, style="bold" if w.state != WorkerState.OFFLINE else ""))
         if show_device:
             cells.append(Text(w.device))  # a Text: never parsed as markup
         cells.append(Text(w.state, style=_WORKER_STATE_STYLES.get(w.state, "white")))
         cells += [f"{w.units_done:,}", _fmt_count(w.images_done), _fmt_rate(w.images_per_s), _share_cell(w.share)]
         if show_seen:
             cells.append(format_duration(w.last_seen_s))
-        table.add_row(*cells, style="dim" if w.state == "offline" else None)
+        table.add_row(*cells, style="dim" if w.state == WorkerState.OFFLINE else None)
 
     hidden = len(ordered) - rows
     body = table

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import re
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -22,6 +21,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from ganns_async.errors import UserError
+from ganns_async.retry import Backoff
 from ganns_async.waiting import wait_event
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,11 @@ WORKERS_CHANNEL = "ganns_workers"
 EVENTS_CHANNEL = "ganns_events"
 
 CONNECT_TIMEOUT_S = 10.0
+# No statement may hang a process forever on a half-dead connection: after this long the
+# query is cancelled and the caller's retry policy takes over. Large enough for a model's
+# blobs over a slow link; the short exchanges (claim, heartbeat) pass a shorter timeout.
+COMMAND_TIMEOUT_S = 120.0
+SHORT_TIMEOUT_S = 15.0
 
 # Errors that mean "the connection is gone": callers reconnect and retry.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -134,7 +139,8 @@ async def connect(url: str, *, application_name: str | None = None) -> asyncpg.C
     """One connection, for listeners, locks and migrations; errors become UserError."""
     _check_url(url)
     try:
-        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S, server_settings=_settings(application_name))
+        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S,
+                                     server_settings=_settings(application_name))
     except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - translated for the user
         raise _translate(url, exc) from exc
 
@@ -151,7 +157,7 @@ class Database:
         _check_url(url)
         try:
             pool = await asyncpg.create_pool(
-                url, min_size=1, max_size=max_size, timeout=CONNECT_TIMEOUT_S,
+                url, min_size=1, max_size=max_size, timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S,
                 server_settings=_settings(application_name),
                 # Blobs are large; don't keep statement caches of them around.
                 max_cacheable_statement_size=1024 * 15,
@@ -170,17 +176,17 @@ class Database:
         async with self.pool.acquire() as conn, conn.transaction():
             yield Tx(conn)
 
-    async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
-        return await self.pool.fetch(queries()[name], *args)
+    async def fetch(self, name: str, *args: Any, timeout: float | None = None) -> list[asyncpg.Record]:
+        return await self.pool.fetch(queries()[name], *args, timeout=timeout)
 
-    async def fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
-        return await self.pool.fetchrow(queries()[name], *args)
+    async def fetchrow(self, name: str, *args: Any, timeout: float | None = None) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(queries()[name], *args, timeout=timeout)
 
-    async def fetchval(self, name: str, *args: Any) -> Any:
-        return await self.pool.fetchval(queries()[name], *args)
+    async def fetchval(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+        return await self.pool.fetchval(queries()[name], *args, timeout=timeout)
 
-    async def execute(self, name: str, *args: Any) -> str:
-        return await self.pool.execute(queries()[name], *args)
+    async def execute(self, name: str, *args: Any, timeout: float | None = None) -> str:
+        return await self.pool.execute(queries()[name], *args, timeout=timeout)
 
 
 class Tx:
@@ -206,25 +212,94 @@ class Tx:
         await self.conn.execute(sql)
 
 
-async def hold_run_lock(url: str, run_id: int, *, application_name: str | None = None) -> asyncpg.Connection | None:
-    """Take the run's advisory lock on a connection of its own; None if someone holds it.
+class RunLock:
+    """The run's advisory lock: one coordinator per run, for as long as it runs.
 
-    The lock lives as long as the returned connection (a pooled one would drop it on
-    release), so two coordinators can never drive the same run.
+    The lock lives as long as its connection (a pooled one would drop it on release), so it
+    gets a connection of its own, and :meth:`keep` watches it: when the connection dies (a
+    server restart, a cut link) it reconnects with backoff and takes the lock again. If
+    another process took the lock meanwhile, :meth:`keep` raises a one-line UserError and the
+    coordinator stops: two coordinators must never drive one run.
     """
-    conn = await connect(url, application_name=application_name)
-    if await conn.fetchval(queries()["try_lock_run"], run_id):
-        return conn
-    await conn.close()
-    return None
 
+    def __init__(self, url: str, run_id: int, *, application_name: str | None = None) -> None:
+        self.url = url
+        self.run_id = run_id
+        self.application_name = application_name
+        self.retaken = 0  # how many times the lock was taken again after a lost connection
+        self._conn: asyncpg.Connection | None = None
+        self._pid: int | None = None  # our backend, to tell our own stale session from a rival
+        self._lost = asyncio.Event()
 
-def backoff_delays(base: float = 0.5, cap: float = 15.0) -> Iterable[float]:
-    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**n))."""
-    n = 0
-    while True:
-        yield random.uniform(base / 2, min(cap, base * 2**n))
-        n += 1
+    async def acquire(self) -> bool:
+        """Take the lock; False when another session holds it."""
+        conn = await connect(self.url, application_name=self.application_name)
+        try:
+            got = await conn.fetchval(queries()["try_lock_run"], self.run_id)
+            if not got and self._pid is not None:
+                # After a cut link our old session may linger on the server, still holding
+                # the lock; it is ours to end (same role), not a rival's.
+                holder = await conn.fetchval(queries()["run_lock_holder"], self.run_id)
+                if holder == self._pid:
+                    await conn.fetchval(queries()["end_backend"], holder)
+                    for _ in range(50):
+                        if await conn.fetchval(queries()["try_lock_run"], self.run_id):
+                            got = True
+                            break
+                        await asyncio.sleep(0.1)  # the ended session lets go within moments
+        except BaseException:
+            conn.terminate()
+            raise
+        if not got:
+            await conn.close()
+            return False
+        self._lost.clear()
+        conn.add_termination_listener(lambda _c: self._lost.set())
+        self._conn, self._pid = conn, conn.get_server_pid()
+        return True
+
+    async def keep(self) -> None:
+        """Runs until cancelled; takes the lock again whenever its connection is lost."""
+        while True:
+            await self._lost.wait()
+            self._drop()
+            backoff = Backoff()
+            while True:
+                delay = backoff.next_delay()
+                log.warning("run lock connection lost; taking the lock again in %.1fs", delay)
+                await asyncio.sleep(delay)
+                try:
+                    if await self.acquire():
+                        break
+                except (UserError, *CONNECTION_ERRORS, asyncpg.PostgresError):
+                    continue
+                raise UserError(f"run {self.run_id} is now coordinated by another process (it took the run's "
+                                "lock while this coordinator's connection was down); stopping this one")
+            self.retaken += 1
+            log.info("run lock taken again")
+
+    async def check(self) -> None:
+        """Ping the lock's connection (the safety sweep calls this): a connection that died
+        without a word is noticed within one sweep."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            await asyncio.wait_for(conn.fetchval(queries()["ping"]), SHORT_TIMEOUT_S)
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+            self._lost.set()
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 5)
+            conn.terminate()
 
 
 class Listener:
@@ -258,10 +333,12 @@ class Listener:
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        """Connect once (failing fast with a UserError), then keep listening in the background."""
+    async def start(self) -> asyncio.Task[None]:
+        """Connect once (failing fast with a UserError), then keep listening in the background;
+        returns the background task (its owner watches it, see retry.SideTasks)."""
         await self._connect()
         self._task = asyncio.create_task(self._run(), name="listener")
+        return self._task
 
     async def _connect(self) -> None:
         conn = await connect(self.url, application_name=self.application_name)
@@ -292,16 +369,18 @@ class Listener:
                     pass
             self.connected.clear()
             await self._drop()
-            for delay in backoff_delays():
+            backoff = Backoff()
+            while True:
+                delay = backoff.next_delay()
                 log.warning("listener connection lost; reconnecting in %.1fs", delay)
                 await asyncio.sleep(delay)
                 try:
                     await self._connect()
-                    self.reconnects += 1
-                    log.info("listener reconnected")
-                    break
                 except (UserError, *CONNECTION_ERRORS, asyncpg.PostgresError):
                     continue
+                self.reconnects += 1
+                log.info("listener reconnected")
+                break
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None

@@ -50,26 +50,44 @@ class OutputWriter:
     """Checkpoints, sample grids and the metrics plot of a running coordinator.
 
     Files are written on the train thread, queued behind the step's math, so they show
-    exactly the state after that step and never block the event loop.
+    exactly the state after that step and never block the event loop. A failed write (a full
+    disk, a folder made read-only) never stops training: :meth:`news` tells the coordinator
+    once that writing fails, and once that it works again, and :attr:`failing` asks it to
+    write again at the next step instead of waiting for the next checkpoint.
     """
 
     def __init__(self, out: Path, train: concurrent.futures.Executor) -> None:
         self.out = out
         self._train = train
         self._pending: list[concurrent.futures.Future[None]] = []
+        self.failing: str | None = None  # the last write's error, until one succeeds
+        self._said: str | None = None  # what news() last reported
 
     def queue(self, trainer: Trainer, *, step: int, epoch: int, images_seen: int, run_id: int) -> None:
         fut = self._train.submit(self._write, trainer, step, epoch, images_seen, run_id)
-        for done in (f for f in self._pending if f.done()):
-            if done.exception() is not None:
-                log.error("writing the checkpoint or samples failed: %s", done.exception())
         self._pending = [f for f in self._pending if not f.done()] + [fut]
 
     def _write(self, trainer: Trainer, step: int, epoch: int, images_seen: int, run_id: int) -> None:
-        ckpt = write_checkpoint(trainer, self.out, step=step, epoch=epoch, images_seen=images_seen,
-                                extra={"run_id": int(run_id)})
-        grid = write_sample_grid(trainer, self.out, step=step)
+        try:
+            ckpt = write_checkpoint(trainer, self.out, step=step, epoch=epoch, images_seen=images_seen,
+                                    extra={"run_id": int(run_id)})
+            grid = write_sample_grid(trainer, self.out, step=step)
+        except OSError as exc:
+            self.failing = f"{type(exc).__name__}: {exc}"
+            raise
+        self.failing = None
         log.info("wrote %s and %s", ckpt, grid)
+
+    def news(self) -> str | None:
+        """What changed since last asked: writing started failing, or works again."""
+        if self.failing is not None and self._said is None:
+            self._said = self.failing
+            return (f"cannot write the checkpoint or samples under {self.out} ({self.failing}); "
+                    "training goes on and the files are written again at every step until it works")
+        if self.failing is None and self._said is not None:
+            self._said = None
+            return f"the checkpoint and samples under {self.out} are written again"
+        return None
 
     async def wait(self, *, strict: bool = False) -> None:
         """Wait for queued files; ``strict`` turns a failed write into a UserError."""
@@ -79,11 +97,19 @@ class OutputWriter:
                 await asyncio.wrap_future(fut)
             except OSError as exc:
                 if strict:
-                    raise UserError(f"could not write the checkpoint or samples under {self.out}: {exc}") from exc
+                    raise UserError(f"could not write the checkpoint or samples under {self.out}: {exc}; "
+                                    "the run is saved in the database: fix the folder and run "
+                                    "`ganns-async coordinator --resume` to write them") from exc
                 log.error("writing the checkpoint or samples failed: %s", exc)
 
     async def metrics_plot(self, rows: list[dict[str, Any]], run_id: int) -> None:
         from ganns_async.plots import write_metrics_plot
 
-        await asyncio.get_running_loop().run_in_executor(
-            self._train, lambda: write_metrics_plot(rows, self.out / "metrics.png", title=f"ganns-async run {run_id}"))
+        def write() -> None:
+            try:
+                write_metrics_plot(rows, self.out / "metrics.png", title=f"ganns-async run {run_id}")
+            except OSError as exc:
+                self.failing = f"{type(exc).__name__}: {exc}"
+                log.error("writing the metrics plot failed: %s", exc)
+
+        await asyncio.get_running_loop().run_in_executor(self._train, write)

@@ -76,7 +76,9 @@ UPDATE work_units SET version = $2
  WHERE run_id = $1 AND state = 'pending' AND version < $2 AND replica_of IS NULL;
 
 -- name: insert_units
--- One statement for the whole batch: the trigger sends one notification.
+-- One statement for the whole batch: the trigger sends one notification. A unit is its
+-- place in the schedule: publishing a step again after a lost connection (the first try
+-- may have committed) inserts nothing twice.
 INSERT INTO work_units (run_id, seq, step, version, epoch, indices, noise_seed)
 SELECT $1,
        (u ->> 'seq')::bigint,
@@ -85,7 +87,8 @@ SELECT $1,
        (u ->> 'epoch')::integer,
        ARRAY(SELECT jsonb_array_elements_text(u -> 'indices')::integer),
        (u ->> 'noise_seed')::bigint
-  FROM jsonb_array_elements($2::jsonb) AS u;
+  FROM jsonb_array_elements($2::jsonb) AS u
+ON CONFLICT (run_id, seq) WHERE replica_of IS NULL DO NOTHING;
 
 -- name: insert_metrics
 INSERT INTO metrics (run_id, step, epoch, images, units, g_loss, d_loss, d_x, d_g_z, swd)
@@ -165,6 +168,17 @@ UPDATE work_units AS u
         OR (u.state = 'done' AND NOT EXISTS (SELECT 1 FROM gradients AS g WHERE g.unit_id = u.id)))
 RETURNING u.id;
 
+-- name: requeue_lost_results
+-- After a server crash the UNLOGGED gradients table comes back empty: units marked done
+-- whose result is gone are computed again (the running coordinator asks on every
+-- reconnect). Storing a result and marking its unit done is one transaction, so a done
+-- unit without a result is never one whose result is still on its way.
+UPDATE work_units AS u
+   SET state = 'pending', worker_id = NULL, lease_until = NULL
+ WHERE u.run_id = $1 AND u.step >= $2 AND u.state = 'done'
+   AND NOT EXISTS (SELECT 1 FROM gradients AS g WHERE g.unit_id = u.id)
+RETURNING u.id;
+
 -- name: requeue_expired_leases
 -- A lease holder that is finishing right now holds the row lock: skip it, not wait.
 WITH expired AS (
@@ -192,8 +206,10 @@ SELECT g.id, g.unit_id, g.worker_id, g.version, g.n_samples,
 SELECT payload FROM gradients WHERE id = $1;
 
 -- name: consume_gradient
+-- Folded: the result leaves the table, its unit is used (if something cancelled it
+-- meanwhile, it stays cancelled).
 WITH gone AS (DELETE FROM gradients WHERE id = $1)
-UPDATE work_units SET state = 'used' WHERE id = $2;
+UPDATE work_units SET state = 'used' WHERE id = $2 AND state = 'done';
 
 -- name: reject_gradient
 -- The unit goes back to pending (the update trigger wakes the workers), unless it has
@@ -205,7 +221,7 @@ WITH gone AS (DELETE FROM gradients WHERE id = $1),
 UPDATE work_units
    SET state = CASE WHEN attempts >= $6 THEN 'cancelled' ELSE 'pending' END,
        worker_id = NULL, lease_until = NULL
- WHERE id = $2
+ WHERE id = $2 AND state = 'done'
 RETURNING state;
 
 -- name: insert_replica
@@ -242,7 +258,7 @@ RETURNING w.id;
 -- name: drop_gradient
 -- Its step already closed: too stale to count.
 WITH gone AS (DELETE FROM gradients WHERE id = $1)
-UPDATE work_units SET state = 'cancelled' WHERE id = $2;
+UPDATE work_units SET state = 'cancelled' WHERE id = $2 AND state = 'done';
 
 -- name: cancel_open_units
 -- A step closed on its deadline: its missing units are no longer wanted.
@@ -339,6 +355,16 @@ UPDATE runs SET status = 'paused', updated_at = now() WHERE id = $1 AND status =
 -- name: try_lock_run
 -- One coordinator per run: a session-level lock held on a dedicated connection.
 SELECT pg_try_advisory_lock(72184555, $1::integer);
+
+-- name: run_lock_holder
+-- The session holding run $1's lock (the two-key form: classid, objid, objsubid 2).
+SELECT pid FROM pg_locks
+ WHERE locktype = 'advisory' AND classid = 72184555 AND objid = $1::integer AND objsubid = 2 AND granted
+   AND database = (SELECT oid FROM pg_database WHERE datname = current_database());
+
+-- name: end_backend
+-- Ends a session of our own role that outlived its client (a cut link).
+SELECT pg_terminate_backend($1);
 
 -- name: workers_for_run
 SELECT * FROM workers WHERE run_id = $1 ORDER BY id;

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ganns_async.db import Database, Tx
+from ganns_async.db import SHORT_TIMEOUT_S, Database, Tx
 from ganns_async.steps import Round
 from ganns_async.terminal import printable
 
@@ -176,6 +176,10 @@ class CoordinatorStore:
     async def requeue_lost_units(self, run_id: int, from_step: int) -> int:
         return len(await self.db.fetch("requeue_lost_units", run_id, from_step))
 
+    async def requeue_lost_results(self, run_id: int, from_step: int) -> list[int]:
+        """Units of open steps marked done whose results a server crash took: back to pending."""
+        return [int(r["id"]) for r in await self.db.fetch("requeue_lost_results", run_id, from_step)]
+
     async def rewind(self, run_id: int, step: int, images_seen: int, units: Sequence[NewUnit], next_seq: int) -> None:
         """Go back to version ``step`` (the last one with optimizer state): later versions
         and every unit from ``step`` on are dropped and planned again. Units are
@@ -307,21 +311,21 @@ class WorkerStore:
 
     async def heartbeat(self, worker_id: int, state: str, run_id: int | None) -> str | None:
         """Returns why the coordinator quarantined this worker (it gets no more units), or None."""
-        return await self.db.fetchval("api_heartbeat", worker_id, state, run_id)
+        return await self.db.fetchval("api_heartbeat", worker_id, str(state), run_id, timeout=SHORT_TIMEOUT_S)
 
     async def leave(self, worker_id: int) -> list[int]:
         """Give back every unit held, go offline, log the goodbye; returns the units released."""
         return [int(r[0]) for r in await self.db.fetch("api_leave", worker_id)]
 
     async def claim(self, run_id: int, worker_id: int, lease_s: float) -> UnitRow | None:
-        r = await self.db.fetchrow("api_claim", worker_id, run_id, lease_s)
+        r = await self.db.fetchrow("api_claim", worker_id, run_id, lease_s, timeout=SHORT_TIMEOUT_S)
         if r is None:
             return None
         return UnitRow(int(r["id"]), int(r["run_id"]), int(r["seq"]), int(r["step"]), int(r["version"]),
                        int(r["epoch"]), tuple(r["indices"]), int(r["noise_seed"]), r["weights_at"])
 
     async def extend_lease(self, unit_id: int, worker_id: int, lease_s: float) -> bool:
-        return bool(await self.db.fetchval("api_extend_lease", worker_id, unit_id, lease_s))
+        return bool(await self.db.fetchval("api_extend_lease", worker_id, unit_id, lease_s, timeout=SHORT_TIMEOUT_S))
 
     async def weights(self, run_id: int, version: int) -> bytes | None:
         return await self.db.fetchval("api_weights", run_id, version)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import torch
 
 from ganns_async import codec
@@ -36,12 +37,13 @@ from ganns_async.db import (
     WEIGHTS_CHANNEL,
     Database,
     Listener,
-    backoff_delays,
 )
 from ganns_async.errors import UserError
 from ganns_async.hardware import cpu_info, gpu_info, pick_device
 from ganns_async.migrate import require_migrated
 from ganns_async.model import build_models
+from ganns_async.retry import Backoff, SideTasks, describe_error
+from ganns_async.states import WorkerState
 from ganns_async.store import RunRow, UnitRow, WorkerStore
 from ganns_async.terminal import printable
 from ganns_async.training import (
@@ -85,7 +87,7 @@ class WorkerStatus:
     device: str = ""
     connection: str = "connecting"
     run_id: int | None = None
-    state: str = "idle"
+    state: WorkerState = WorkerState.WAITING
     unit_id: int | None = None
     unit_step: int | None = None
     units_done: int = 0
@@ -115,7 +117,8 @@ class Worker:
         # after --state-every) publishes a version again, and it must be fetched again.
         self._held: tuple[int, int, Any] | None = None
         self._joined_run: int | None = None
-        self._db_written = "idle"
+        self._db_written: WorkerState | None = None  # the state the workers table holds
+        self.side = SideTasks(log, self.wake)  # heartbeat, listener: the worker stops if one dies
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.ready = asyncio.Event()  # test signal: registered and listening
 
@@ -139,19 +142,14 @@ class Worker:
         if self.on_status is not None:
             self.on_status(self.status)
 
-    def _db_state(self) -> str:
-        """The schema knows idle, computing, uploading and offline; waiting and paused are idle."""
-        return self.status.state if self.status.state in ("computing", "uploading") else "idle"
-
-    async def _set_state(self, state: str, **changes: Any) -> None:
-        """Update the snapshot; write the state to the workers table when it changes there
-        (the table's trigger tells dashboards)."""
+    async def _set_state(self, state: WorkerState, **changes: Any) -> None:
+        """Update the snapshot; write the state to the workers table when it changes (the
+        table's trigger tells dashboards)."""
         self._publish_status(state=state, **changes)
-        after = self._db_state()
-        if self._db_written != after:
+        if self._db_written != state:
             assert self.worker_id is not None
-            self._quarantined(await self.store.heartbeat(self.worker_id, after, self._joined_run))
-            self._db_written = after
+            self._quarantined(await self.store.heartbeat(self.worker_id, state, self._joined_run))
+            self._db_written = state
 
     async def _wait(self, timeout: float) -> None:
         """Sleep until a notification, or the safety sweep interval, whichever is first."""
@@ -195,15 +193,13 @@ class Worker:
                      self.worker_id, self.device, len(self.dataset), self.dataset.fingerprint)
             self.listener = Listener(opts.db_url, [UNITS_CHANNEL, CONTROL_CHANNEL, WEIGHTS_CHANNEL],
                                      self._notify, self._reconnected, application_name=app)
-            await self.listener.start()
-            heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+            self.side.watch(await self.listener.start())
+            self.side.start(self._heartbeat(), "heartbeat")
             self.ready.set()
             try:
                 await self._loop()
             finally:
-                heartbeat.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await heartbeat
+                await self.side.cancel_all()
         finally:
             await self._shutdown()
         return 0
@@ -231,12 +227,14 @@ class Worker:
         while True:
             await asyncio.sleep(self.opts.heartbeat_s)
             try:
-                self._quarantined(await self.store.heartbeat(self.worker_id, self._db_state(), self._joined_run))
+                self._quarantined(await self.store.heartbeat(self.worker_id, self.status.state, self._joined_run))
                 unit = self._unit
                 if unit is not None and not await self.store.extend_lease(unit.id, self.worker_id, self.opts.lease_s):
                     log.warning("lost the lease on unit %s (it will be recomputed elsewhere)", unit.id)
-            except Exception as exc:  # noqa: BLE001 - a dead heartbeat would silently lose every lease
-                log.warning("heartbeat failed: %s", exc)
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                # The next beat tries again; anything else is a bug, and SideTasks stops the
+                # worker rather than let it lose every lease silently.
+                log.warning("heartbeat failed: %s", describe_error(exc))
                 self._publish_status(connection="reconnecting")
 
     def _quarantined(self, reason: str | None) -> None:
@@ -247,18 +245,17 @@ class Worker:
             self._publish_status(message=f"quarantined: {printable(reason, 200)}")
 
     async def _loop(self) -> None:
-        delays = None
+        backoff = Backoff()
         while True:
+            self.side.check()
             try:
                 await self._once()
-                delays = None
+                backoff.reset()
             except CONNECTION_ERRORS as exc:
                 self._unit = None  # its lease runs out; another worker recomputes it
-                delays = delays or iter(backoff_delays())
-                delay = next(delays)
+                self._db_written = None  # say our state again once back
                 self._publish_status(connection="reconnecting")
-                log.warning("database unavailable (%s); retrying in %.1fs", type(exc).__name__, delay)
-                await asyncio.sleep(delay)
+                await backoff.wait(log, "database unavailable", exc)
 
     async def _once(self) -> None:
         """Find work and do one unit of it, or wait for a notification."""
@@ -267,20 +264,20 @@ class Worker:
         run = await self.store.active_run()
         self._publish_status(connection="connected")
         if run is None:
-            if self.status.state != "waiting":
+            if self.status.state != WorkerState.WAITING:
                 log.info("no active run yet; waiting for the coordinator")
-            await self._set_state("waiting", run_id=None)
+            await self._set_state(WorkerState.WAITING, run_id=None)
             await self._wait(self.opts.sweep_s)
             return
         if run.id != self._joined_run:
             await self._join(run)
         if run.status != "running":
-            await self._set_state("paused")
+            await self._set_state(WorkerState.PAUSED)
             await self._wait(self.opts.sweep_s)
             return
         unit = await self.store.claim(run.id, self.worker_id, self.opts.lease_s)
         if unit is None:
-            await self._set_state("idle")
+            await self._set_state(WorkerState.IDLE)
             await self._wait(self.opts.sweep_s)
             return
         self._unit = unit
@@ -301,13 +298,13 @@ class Worker:
         self._cfg = TrainConfig.from_json(run.config)
         # Counted as the run's worker at once (dashboards, the next round's width); the
         # server logs the join.
-        await self.store.heartbeat(self.worker_id, self._db_state(), run.id)
+        await self.store.heartbeat(self.worker_id, self.status.state, run.id)
         log.info("joined run %s", run.id)
 
     async def _process(self, run: RunRow, unit: UnitRow) -> None:
         assert self.worker_id is not None and self.dataset is not None
         started = time.perf_counter()
-        await self._set_state("computing", unit_id=unit.id, unit_step=unit.step, run_id=run.id,
+        await self._set_state(WorkerState.COMPUTING, unit_id=unit.id, unit_step=unit.step, run_id=run.id,
                               unit_started=time.monotonic())
         if not await self._ensure_weights(unit):
             # The version is gone (pruned while we claimed): give the unit back and
@@ -328,13 +325,13 @@ class Worker:
             log.warning("unit %s cannot be computed here: %s; reported it", unit.id, unusable)
             self._unit = None
             await self.store.report_unusable(unit, self.worker_id, unusable)
-            await self._set_state("idle", unit_id=None, unit_started=None)
+            await self._set_state(WorkerState.IDLE, unit_id=None, unit_started=None)
             return
         blob, n, bad, metrics = await self._in_thread(self._compute, list(unit.indices), unit.noise_seed)
         t_computed = time.perf_counter()
         if bad:
             log.warning("unit %s: skipped %d unreadable image(s): %s", unit.id, len(bad), bad[:5])
-        await self._set_state("uploading")
+        await self._set_state(WorkerState.UPLOADING)
         # The heartbeat stops extending the lease now: it queues behind the upload on our
         # one query connection and would otherwise find the unit already done. (Ctrl-C
         # still gives back every claim: _shutdown releases by worker, not by this field.)
@@ -345,13 +342,13 @@ class Worker:
             return
         if outcome != "stored":
             log.warning("unit %s: the server %s", unit.id, printable(outcome, 300))
-            await self._set_state("idle", unit_id=None, unit_started=None)
+            await self._set_state(WorkerState.IDLE, unit_id=None, unit_started=None)
             return
         elapsed = time.perf_counter() - started
         rate = n / elapsed if elapsed > 0 else 0.0
         self.status.recent.append(metrics)
         self._publish_status(
-            state="idle", unit_id=None, units_done=self.status.units_done + 1,
+            state=WorkerState.IDLE, unit_id=None, units_done=self.status.units_done + 1,
             images_done=self.status.images_done + n, images_per_s=rate,
             unit_started=None, last_unit_s=elapsed,
         )
@@ -420,7 +417,7 @@ def worker_snapshot(status: WorkerStatus, message: str = "") -> Any:
     if status.unit_started is not None:
         expected = status.last_unit_s or 10.0
         progress = min(0.95, (time.monotonic() - status.unit_started) / expected)
-        if status.state == "uploading":
+        if status.state == WorkerState.UPLOADING:
             progress = max(progress, 0.95)
     return WorkerSnapshot(
         name=printable(status.name, 64), device=printable(status.device, 32), connection=status.connection,

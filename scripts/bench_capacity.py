@@ -112,8 +112,8 @@ from ganns_async.db import (  # noqa: E402
     WEIGHTS_CHANNEL,
     Database,
     Listener,
-    backoff_delays,
 )
+from ganns_async.retry import Backoff  # noqa: E402
 from ganns_async.store import WorkerStore  # noqa: E402
 
 KB = 1000.0
@@ -217,16 +217,15 @@ class SimWorker:
                     await self.store.extend_lease(unit.id, self.worker_id, LEASE_S)
 
     async def run(self) -> None:
-        delays = None
+        backoff = Backoff()
         while True:
             try:
                 await self._once()
-                delays = None
+                backoff.reset()
             except CONNECTION_ERRORS as exc:
                 self.unit = None
-                delays = delays or iter(backoff_delays())
                 self.stats.errors.append(f"{self.name}: {type(exc).__name__}: {exc}")
-                await asyncio.sleep(next(delays))
+                await asyncio.sleep(backoff.next_delay())
 
     async def _once(self) -> None:
         assert self.worker_id is not None

@@ -32,8 +32,10 @@ async def _plant_hostile_gradient(url: str, payload: bytes) -> int:
         worker = await conn.fetchval(
             "INSERT INTO workers (name, hostname, device) VALUES ('mallory', 'evil', 'cpu') RETURNING id")
         async with conn.transaction():
+            # Claimed, then done: the path the guard trigger (sql/004_states.sql) allows.
             await conn.execute(
-                "UPDATE work_units SET state = 'done', worker_id = $2 WHERE id = $1", unit["id"], worker)
+                "UPDATE work_units SET state = 'claimed', worker_id = $2 WHERE id = $1", unit["id"], worker)
+            await conn.execute("UPDATE work_units SET state = 'done' WHERE id = $1", unit["id"])
             await conn.execute(
                 "INSERT INTO gradients (unit_id, run_id, worker_id, version, n_samples, payload) "
                 "VALUES ($1, $2, $3, $4, 16, $5)", unit["id"], run_id, worker, unit["version"], payload)
