@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ganns_async.errors import UserError
+from ganns_async.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -554,11 +555,15 @@ def newest_sample(out_dir: Path) -> Path | None:
     return best[1] if best else None
 
 
+PUSH_BACKOFF = Backoff(base=30.0, cap=600.0, jitter=False)  # one process pushes: no herd to spread
+
+
 def push_backoff(failures: int) -> float:
-    """Seconds to wait after ``failures`` consecutive failed pushes: 30, 60, 120, ... capped at 600."""
+    """Seconds to wait after ``failures`` consecutive failed pushes: 30, 60, 120, ... capped at 600
+    (the project's one backoff, :class:`ganns_async.retry.Backoff`)."""
     if failures <= 0:
         return 0.0
-    return float(min(600, 30 * 2 ** min(failures - 1, 10)))
+    return PUSH_BACKOFF.ceiling(failures - 1)
 
 
 class HubPusher:
