@@ -125,7 +125,7 @@ class Coordinator:
         self.evaluator: Evaluator | None = None
         self.publisher: Any = None  # HubPublisher when --hf-repo is given
         self._lock: RunLock | None = None
-        self.side = SideTasks(log, self.wake)  # listener, run lock: the coordinator stops if one dies
+        self.side = SideTasks(log)  # listener, run lock: the coordinator stops if one dies
         self._check_results = False  # set on every reconnect: a crash may have emptied the gradients table
         self._vacuum_task: asyncio.Task[None] | None = None
         self.intake: GradientIntake | None = None
@@ -204,14 +204,15 @@ class Coordinator:
             if opts.eval_every and not opts.resume:
                 self.evaluator.schedule(0, self.trainer)  # the step-0 baseline later SWD is compared with
             self.ready.set()
-            finished = await self._loop()
+            finished = await self.side.guard(self._loop())
         finally:
             await self._shutdown(finished)
         return 0
 
     async def _shutdown(self, finished: bool) -> None:
         await self.outputs.wait()
-        if self.run_id is not None and not finished and self.db is not None:
+        rival = self._lock is not None and self._lock.lost_to_rival
+        if self.run_id is not None and not finished and self.db is not None and not rival:
             # Interrupted: save Adam state (so --resume need not replay) and pause the run.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._save_state(), 30)
@@ -421,7 +422,6 @@ class Coordinator:
         next_sweep = time.monotonic() + self.opts.sweep_s
         backoff = Backoff()
         while True:
-            self.side.check()
             if self.book.finished():
                 await self._finish()
                 return True

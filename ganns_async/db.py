@@ -227,6 +227,7 @@ class RunLock:
         self.run_id = run_id
         self.application_name = application_name
         self.retaken = 0  # how many times the lock was taken again after a lost connection
+        self.lost_to_rival = False  # another session took it: the run is not ours to touch
         self._conn: asyncpg.Connection | None = None
         self._pid: int | None = None  # our backend, to tell our own stale session from a rival
         self._lost = asyncio.Event()
@@ -273,6 +274,7 @@ class RunLock:
                         break
                 except (UserError, *CONNECTION_ERRORS, asyncpg.PostgresError):
                     continue
+                self.lost_to_rival = True
                 raise UserError(f"run {self.run_id} is now coordinated by another process (it took the run's "
                                 "lock while this coordinator's connection was down); stopping this one")
             self.retaken += 1

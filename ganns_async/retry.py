@@ -83,18 +83,34 @@ class SideTaskDied(UserError):
 
 
 class SideTasks:
-    """Background tasks watched on behalf of a main loop.
+    """Background tasks watched on behalf of a main task.
 
     A task started here is expected to run until it is cancelled. When one ends on its own,
-    with an error or without, :attr:`failure` is set, ``wake`` is set so the main loop looks,
-    and :meth:`check` raises :class:`SideTaskDied` there.
+    with an error or without, :attr:`failure` is set and the main task (see :meth:`guard`) is
+    cancelled at once, wherever it waits, and ends with that failure instead. (A coordinator
+    whose run lock a rival took must not finish publishing the step it was retrying.)
     """
 
-    def __init__(self, log: logging.Logger, wake: asyncio.Event | None = None) -> None:
+    def __init__(self, log: logging.Logger) -> None:
         self.log = log
-        self.wake = wake
         self.failure: UserError | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._main: asyncio.Task[Any] | None = None
+
+    async def guard(self, main: Awaitable[T]) -> T:
+        """Await ``main`` in the current task; if a side task dies meanwhile, raise its failure."""
+        self._main = asyncio.current_task()
+        try:
+            self.check()
+            return await main
+        except asyncio.CancelledError:
+            if self.failure is None:
+                raise
+            assert self._main is not None
+            self._main.uncancel()
+            raise self.failure from None
+        finally:
+            self._main = None
 
     def start(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         return self.watch(asyncio.create_task(coro, name=name))
@@ -116,11 +132,11 @@ class SideTasks:
             self.failure = SideTaskDied(f"the {task.get_name()} task stopped ({why}); stopping this process "
                                         "rather than running without it")
         self.log.error("%s", self.failure)
-        if self.wake is not None:
-            self.wake.set()
+        if self._main is not None:
+            self._main.cancel()
 
     def check(self) -> None:
-        """Raise in the main loop if a side task has died."""
+        """Raise if a side task has died."""
         if self.failure is not None:
             raise self.failure
 

@@ -118,7 +118,7 @@ class Worker:
         self._held: tuple[int, int, Any] | None = None
         self._joined_run: int | None = None
         self._db_written: WorkerState | None = None  # the state the workers table holds
-        self.side = SideTasks(log, self.wake)  # heartbeat, listener: the worker stops if one dies
+        self.side = SideTasks(log)  # heartbeat, listener: the worker stops if one dies
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.ready = asyncio.Event()  # test signal: registered and listening
 
@@ -197,7 +197,7 @@ class Worker:
             self.side.start(self._heartbeat(), "heartbeat")
             self.ready.set()
             try:
-                await self._loop()
+                await self.side.guard(self._loop())
             finally:
                 await self.side.cancel_all()
         finally:
@@ -247,7 +247,6 @@ class Worker:
     async def _loop(self) -> None:
         backoff = Backoff()
         while True:
-            self.side.check()
             try:
                 await self._once()
                 backoff.reset()

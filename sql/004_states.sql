@@ -46,7 +46,21 @@ CREATE TRIGGER work_units_state_guard BEFORE UPDATE OF state ON work_units
     EXECUTE FUNCTION ganns_unit_state_guard();
 
 COMMENT ON COLUMN work_units.state IS
-'pending -claim-> claimed -submit-> done -fold-> used. Back to pending: claimed (released, lease expired, reported unusable), done (refused, or its result lost in a server crash), used (its step''s sum lost with the coordinator). To cancelled (final): pending, claimed, done (step closed, stale, given up). Enforced by the trigger work_units_state_guard.';
+'A work unit''s life (the trigger work_units_state_guard refuses any other change):
+
+       +------- release, lease expired, reported unusable ---+
+       v                                                     |
+    pending ------------------ claim -------------------> claimed
+     ^   ^                                                    |
+     |   |                                                  submit
+     |   |                                                    v
+     |   +------- refused, or its result lost ------------- done
+     |                                                        |
+     |                                                      fold
+     |                                                        v
+     +------------ its sum lost with the coordinator ------- used
+
+    pending, claimed, done ---- step closed, stale, given up ----> cancelled (final)';
 
 -- Workers: the database stores the words the worker and the dashboards use.
 ALTER TABLE workers DROP CONSTRAINT IF EXISTS workers_state_check;

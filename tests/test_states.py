@@ -163,3 +163,19 @@ def test_worker_vocabulary_is_the_schema_s(migrated_url: str) -> None:
             await db.close()
 
     asyncio.run(main())
+
+
+def test_psql_shows_the_diagram(migrated_url: str) -> None:
+    async def main() -> str:
+        conn = await asyncpg.connect(migrated_url)
+        try:
+            return await conn.fetchval(
+                "SELECT col_description('work_units'::regclass, attnum) FROM pg_attribute "
+                "WHERE attrelid = 'work_units'::regclass AND attname = 'state'")
+        finally:
+            await conn.close()
+
+    comment = asyncio.run(main())
+    for state in UnitState:
+        assert state in comment
+    assert "cancelled (final)" in comment and "claim" in comment

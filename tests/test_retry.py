@@ -1,0 +1,111 @@
+"""The one retry policy and the watch on side tasks (no database: pure asyncio)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from ganns_async.errors import UserError
+from ganns_async.hub import push_backoff
+from ganns_async.retry import Backoff, SideTaskDied, SideTasks, retrying
+
+log = logging.getLogger("test")
+
+
+def test_backoff_doubles_to_its_cap_and_resets() -> None:
+    b = Backoff(base=1.0, cap=8.0, jitter=False)
+    assert [b.next_delay() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    b.reset()
+    assert b.next_delay() == 1.0
+
+
+def test_jitter_stays_in_the_upper_half() -> None:
+    b = Backoff(base=1.0, cap=8.0)
+    for n in range(40):
+        d = b.next_delay()
+        top = min(8.0, 2.0 ** n)
+        assert top / 2 <= d <= top
+
+
+def test_hub_pushes_wait_by_the_same_policy() -> None:
+    assert [push_backoff(n) for n in range(8)] == [0.0, 30.0, 60.0, 120.0, 240.0, 480.0, 600.0, 600.0]
+
+
+def test_retrying_repeats_only_the_listed_errors() -> None:
+    calls = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("cut")
+        return "ok"
+
+    async def broken() -> None:
+        raise ValueError("a bug")
+
+    async def main() -> None:
+        fast = Backoff(base=0.001, cap=0.002)
+        assert await retrying(flaky, log=log, what="x", retry_on=(OSError,), backoff=fast) == "ok"
+        assert len(calls) == 3
+        with pytest.raises(ValueError):
+            await retrying(broken, log=log, what="x", retry_on=(OSError,), backoff=fast)
+
+    asyncio.run(main())
+
+
+def test_a_dead_side_task_stops_the_main_task_with_its_reason() -> None:
+    async def main() -> None:
+        side = SideTasks(log)
+
+        async def heartbeat() -> None:
+            await asyncio.sleep(0.01)
+            raise RuntimeError("boom")
+
+        async def forever() -> None:
+            await asyncio.Event().wait()  # the main loop, waiting for work
+
+        side.start(heartbeat(), "heartbeat")
+        with pytest.raises(SideTaskDied, match="the heartbeat task stopped .RuntimeError: boom."):
+            await asyncio.wait_for(side.guard(forever()), 5)
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+    asyncio.run(main())
+
+
+def test_a_side_task_s_user_error_is_passed_on_as_it_is() -> None:
+    async def main() -> None:
+        side = SideTasks(log)
+
+        async def lock_keeper() -> None:
+            raise UserError("run 3 is now coordinated by another process")
+
+        async def forever() -> None:
+            await asyncio.Event().wait()
+
+        side.start(lock_keeper(), "run-lock")
+        with pytest.raises(UserError, match="coordinated by another process"):
+            await asyncio.wait_for(side.guard(forever()), 5)
+
+    asyncio.run(main())
+
+
+def test_cancelling_the_main_task_is_not_mistaken_for_a_side_task_death() -> None:
+    async def main() -> None:
+        side = SideTasks(log)
+
+        async def fine() -> None:
+            await asyncio.Event().wait()
+
+        side.start(fine(), "listener")
+        task = asyncio.create_task(side.guard(asyncio.Event().wait()))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert side.failure is None
+        await side.cancel_all()
+        assert side.failure is None  # cancelled side tasks are not deaths
+
+    asyncio.run(main())
