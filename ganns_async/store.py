@@ -339,8 +339,9 @@ class WorkerStore:
         """This unit cannot be computed here (bad indices...): someone else tries it."""
         return str(await self.db.fetchval("api_report_unusable", worker_id, unit.id, reason))
 
-    async def release(self, unit_id: int, worker_id: int) -> None:
-        await self.db.execute("api_release", worker_id, unit_id)
+    async def release(self, unit_id: int, worker_id: int) -> bool:
+        """Give a claimed unit back; False when it is not ours (any more) to give."""
+        return bool(await self.db.fetchval("api_release", worker_id, unit_id))
 
     async def rank(self, worker_id: int) -> tuple[int, int] | None:
         r = await self.db.fetchrow("api_rank", worker_id)

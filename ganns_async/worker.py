@@ -113,6 +113,8 @@ class Worker:
         self.listener: Listener | None = None
         self.dataset: ImageDataset | None = None
         self._unit: UnitRow | None = None  # the claimed unit, while we hold its lease
+        self._in_hand: UnitRow | None = None  # claimed and not yet stored, released or reported
+        self._orphan: UnitRow | None = None  # in hand when the connection was lost: give it back
         # (run_id, version, published at) loaded into the models: a rewound run (--resume
         # after --state-every) publishes a version again, and it must be fetched again.
         self._held: tuple[int, int, Any] | None = None
@@ -251,7 +253,11 @@ class Worker:
                 await self._once()
                 backoff.reset()
             except CONNECTION_ERRORS as exc:
-                self._unit = None  # its lease runs out; another worker recomputes it
+                self._unit = None
+                # Give it back once we are connected again, so nobody waits for its lease to
+                # expire (if the lost reply was a stored result's, the release finds it done
+                # and changes nothing).
+                self._orphan, self._in_hand = self._in_hand or self._orphan, None
                 self._db_written = None  # say our state again once back
                 self._publish_status(connection="reconnecting")
                 await backoff.wait(log, "database unavailable", exc)
@@ -262,6 +268,10 @@ class Worker:
         self.wake.clear()  # clear first: a notification arriving during the queries re-wakes us
         run = await self.store.active_run()
         self._publish_status(connection="connected")
+        if self._orphan is not None:
+            if await self.store.release(self._orphan.id, self.worker_id):
+                log.info("gave back unit %s after the lost connection", self._orphan.id)
+            self._orphan = None
         if run is None:
             if self.status.state != WorkerState.WAITING:
                 log.info("no active run yet; waiting for the coordinator")
@@ -279,11 +289,11 @@ class Worker:
             await self._set_state(WorkerState.IDLE)
             await self._wait(self.opts.sweep_s)
             return
-        self._unit = unit
+        self._unit = self._in_hand = unit
         # Not in a `finally`: if we are cancelled (Ctrl-C) mid-unit, _shutdown must still
         # see the unit to give it back at once.
         await self._process(run, unit)
-        self._unit = None
+        self._unit = self._in_hand = None
 
     async def _join(self, run: RunRow) -> None:
         assert self.dataset is not None and self.worker_id is not None

@@ -236,6 +236,8 @@ def test_cut_in_the_middle_of_an_upload(cluster: Cluster, expected: dict[str, to
     cluster.start_workers("w1", "w2")
     cluster.assert_exact(expected)
     assert cut.fired.is_set()
+    # The cut worker gave its unit back on reconnecting instead of letting the lease run out.
+    assert any("gave back unit" in cluster.log(w) for w in ("w1", "w2"))
 
 
 def test_cut_in_the_middle_of_a_weights_download(cluster: Cluster, expected: dict[str, torch.Tensor]) -> None:
