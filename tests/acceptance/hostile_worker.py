@@ -1,6 +1,7 @@
-"""A worker that lies: every result it sends is tampered with (for tests/test_hostile.py).
+"""A worker that lies: every result it sends is tampered with (for test_hostile_run.py and
+test_replication_run.py, next to it).
 
-    python tests/hostile_worker.py ATTACK DB_URL DATA NAME
+    python tests/acceptance/hostile_worker.py ATTACK DB_URL DATA NAME
 
 ATTACK is scale (x1e6), flip (sign flipped, x1e3), huge (one element +3e38) or negate (sign
 flipped, same size: it passes every screen, and only replication can catch it). It is the

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli
-from test_end_to_end import _spawn, _stop
+from helpers import REPO, _spawn, _stop, cli
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
 

@@ -1,4 +1,4 @@
-from conftest import cli
+from helpers import cli
 
 
 def test_migrate_cli(db_url: str) -> None:

@@ -18,8 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from conftest import cli, with_database
-from test_migrations import pg15_cluster
+from helpers import cli, pg15_cluster, with_database
 
 UNREACHABLE = "postgresql://u:secretpw@127.0.0.1:1/db"  # port 1: connection refused
 

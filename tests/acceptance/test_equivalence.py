@@ -8,12 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli
-from ganns_async.local import LocalOptions, train_local
-from ganns_async.training import TrainConfig
-from test_end_to_end import _spawn, _stop
+from helpers import SEED, STEPS, UNIT, UNITS_PER_STEP, _max_diff, _spawn, _stop, _train_local, cli
 
-SEED, UNIT, UNITS_PER_STEP, STEPS = 7, 16, 2, 3
 LOCAL_STEPS = 3  # local mode: 3 inner steps of UNIT images per unit
 
 
@@ -38,31 +34,12 @@ def _distributed(url: str, data: Path, out: Path, workers: int, tmp: Path,
             **{f"EMA.{k}": v for k, v in ckpt["generator_state_dict"].items()}}
 
 
-def _train_local(synth_zip: Path, tmp_path: Path, **kw: float | str) -> dict[str, torch.Tensor]:
-    threads = torch.get_num_threads()
-    try:
-        cfg = TrainConfig(seed=SEED, unit_size=UNIT, units_per_step=UNITS_PER_STEP, max_staleness=0,
-                          **{"grad_dtype": "fp32", **kw})  # type: ignore[arg-type]
-        result = train_local(LocalOptions(data=str(synth_zip), max_steps=STEPS, out=tmp_path / "local",
-                                          config=cfg, checkpoint_every=STEPS, threads=1))
-    finally:
-        torch.set_num_threads(threads)
-    assert result.trainer.g_ema is not None
-    return {**{f"G.{k}": v for k, v in result.trainer.g.state_dict().items()},
-            **{f"D.{k}": v for k, v in result.trainer.d.state_dict().items()},
-            **{f"EMA.{k}": v for k, v in result.trainer.g_ema.state_dict().items()}}
-
-
 @pytest.fixture
 def local_state(synth_zip: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     return _train_local(synth_zip, tmp_path)
 
 
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-
-
+@pytest.mark.slow(55)
 def test_one_worker_two_workers_and_train_local_agree(migrated_url: str, synth_zip: Path, tmp_path: Path,
                                                       local_state: dict[str, torch.Tensor]) -> None:
     one = _distributed(migrated_url, synth_zip, tmp_path / "one", 1, tmp_path)  # --local-steps 1: exact mode
@@ -78,6 +55,7 @@ def test_one_worker_two_workers_and_train_local_agree(migrated_url: str, synth_z
     assert float((g0.main[0].weight - local_state["G.main.0.weight"]).abs().max()) > 1e-4
 
 
+@pytest.mark.slow(55)
 def test_local_steps_run_equals_its_train_local_simulation(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
     """Local mode: two workers each train 3 inner steps per unit on bf16-published weights
     and send bf16 changes; the coordinator averages them with a Nesterov outer step on its

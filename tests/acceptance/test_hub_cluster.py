@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli
-from test_end_to_end import _fetch, _spawn, _stop
-from test_hub import FakeHub, _closed_port, _committed
+from fakehub import FakeHub, _closed_port, _committed
+from helpers import _fetch, _spawn, _stop, cli
 
 
 @pytest.fixture

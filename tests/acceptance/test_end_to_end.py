@@ -3,36 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import asyncpg
+import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ClassLogins, REPO, cli
-
-PY = [sys.executable, "-m", "ganns_async"]
-
-
-def _spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    fh = open(log, "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([*PY, *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "GANNS_NO_TUI": "1"})
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, timeout: float = 30) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
-
+from helpers import ClassLogins, _fetch, _spawn, _stop, _wait_for_worker_state, cli
 
 def _model_card_generator(checkpoint_path: Path) -> nn.Module:
     """The model card's own loading snippet, verbatim except for the download."""
@@ -67,39 +45,7 @@ def _model_card_generator(checkpoint_path: Path) -> nn.Module:
     return generator
 
 
-async def _wait_for_worker_state(url: str, name: str, state: str, timeout: float = 120) -> int:
-    """Block until worker ``name`` reports ``state``; woken by the workers trigger, not a poll loop."""
-    conn = await asyncpg.connect(url)
-    changed = asyncio.Event()
-    await conn.add_listener("ganns_workers", lambda *_: changed.set())
-    try:
-        async def check() -> int | None:
-            return await conn.fetchval("SELECT id FROM workers WHERE name = $1 AND state = $2", name, state)
-
-        deadline = asyncio.get_running_loop().time() + timeout
-        while (found := await check()) is None:
-            changed.clear()
-            if (found := await check()) is not None:
-                break
-            remaining = deadline - asyncio.get_running_loop().time()
-            assert remaining > 0, f"worker {name} never reached state {state}"
-            try:
-                await asyncio.wait_for(changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
-        return found
-    finally:
-        await conn.close()
-
-
-async def _fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(url)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
-
-
+@pytest.mark.slow(35)
 def test_coordinator_and_two_workers_train_and_checkpoint_loads(class_logins: ClassLogins, synth_zip: Path,
                                                                tmp_path: Path) -> None:
     """As in a class: the instructor's login runs the coordinator, two students' logins the workers."""
@@ -161,6 +107,7 @@ def test_coordinator_and_two_workers_train_and_checkpoint_loads(class_logins: Cl
     assert [r["version"] for r in states] == [3]
 
 
+@pytest.mark.slow(30)
 def test_worker_killed_mid_unit_does_not_lose_the_run(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     common = ["--db", migrated_url, "--data", str(synth_zip)]
@@ -226,6 +173,7 @@ def test_worker_with_other_data_refuses_to_join(migrated_url: str, synth_zip: Pa
     assert state[0]["state"] == "offline"
 
 
+@pytest.mark.slow(35)
 def test_demo_runs_end_to_end_on_its_own_embedded_postgres(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     r = cli("demo", "--max-steps", "2", "--local-steps", "4", "--synthetic-count", "64", "--out", str(out), timeout=400)

@@ -1,12 +1,9 @@
 """Hostile results: each attack is refused by the coordinator's real intake path, and the
-model is unharmed; a synchronous run with a lying student among honest ones ends exactly
-where `train-local` ends."""
+model is unharmed. (A synchronous run with a lying student among honest ones, which ends
+exactly where `train-local` ends: tests/acceptance/test_hostile_run.py.)"""
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,15 +12,13 @@ import pytest
 import torch
 import zstandard
 
-from conftest import REPO, ClassLogins
 from ganns_async import codec
 from ganns_async.data import ImageDataset
 from ganns_async.errors import PayloadError
 from ganns_async.intake import GradientIntake
 from ganns_async.screening import Norms
 from ganns_async.training import StepAccumulator, TrainConfig, Trainer, plan_unit, run_unit
-from test_end_to_end import _fetch, _spawn, _stop
-from test_equivalence import SEED, STEPS, UNIT, _max_diff, _train_local
+from helpers import SEED, UNIT
 
 CFG = TrainConfig(seed=SEED, unit_size=UNIT, units_per_step=2, max_staleness=0, local_steps=1, grad_dtype="fp32")
 
@@ -127,47 +122,6 @@ def test_each_hostile_result_is_refused_and_the_model_unharmed(
     opt, _ = probe.optimizer_tensors()
     assert all(bool(torch.isfinite(t).all()) for t in [*opt.values(), *probe.state().values()]
                if t.is_floating_point())
-
-
-@pytest.mark.parametrize("attack", ["scale", "flip"])
-def test_a_run_with_a_lying_student_ends_where_train_local_ends(
-        attack: str, class_logins: ClassLogins, synth_zip: Path, tmp_path: Path) -> None:
-    """fp32, exact, staleness 0: mallory (a student) tampers with every result; alice and bob
-    are honest. Mallory works first and alone until a result of hers was refused; the run
-    then finishes on honest work and lands exactly on train-local."""
-    local = _train_local(synth_zip, tmp_path)
-    data = ["--data", str(synth_zip)]
-    mallory = subprocess.Popen([sys.executable, str(REPO / "tests" / "hostile_worker.py"), attack,
-                                class_logins.mallory, str(synth_zip), "mallory"],
-                               stdout=open(tmp_path / "mallory.log", "wb"), stderr=subprocess.STDOUT, cwd=REPO)  # noqa: SIM115
-    honest: list[subprocess.Popen[bytes]] = []
-    out = tmp_path / "out"
-    coord = _spawn("coordinator", "--db", class_logins.instructor, *data, "--no-tui", "--max-staleness", "0",
-                   "--grad-dtype", "fp32", "--seed", str(SEED), "--unit-size", str(UNIT), "--units-per-step", "2",
-                   "--max-steps", str(STEPS), "--checkpoint-every", str(STEPS), "--out", str(out),
-                   "--local-steps", "1", log=tmp_path / "coord.log")
-    try:
-        deadline = time.monotonic() + 120
-        while not asyncio.run(_fetch(class_logins.admin, "SELECT 1 FROM rejections LIMIT 1")):
-            assert time.monotonic() < deadline, (tmp_path / "mallory.log").read_text()[-3000:]
-            assert coord.poll() is None, (tmp_path / "coord.log").read_text()[-3000:]
-            time.sleep(0.5)  # test code, watching for the first refusal
-        honest = [_spawn("worker", "--db", url, *data, "--name", who, "--threads", "1", log=tmp_path / f"{who}.log")
-                  for who, url in (("alice", class_logins.alice), ("bob", class_logins.bob))]
-        assert coord.wait(300) == 0, (tmp_path / "coord.log").read_text()[-3000:]
-    finally:
-        for p in [*honest, mallory]:
-            _stop(p)
-        _stop(coord)
-    ckpt = torch.load(out / "checkpoint_latest.pth", map_location="cpu")
-    distributed = {**{f"G.{k}": v for k, v in ckpt["generator_raw_state_dict"].items()},
-                   **{f"D.{k}": v for k, v in ckpt["discriminator_state_dict"].items()},
-                   **{f"EMA.{k}": v for k, v in ckpt["generator_state_dict"].items()}}
-    assert _max_diff(distributed, local) <= 1e-5
-    refused = asyncio.run(_fetch(class_logins.admin, "SELECT w.name, r.reason FROM rejections r "
-                                                     "JOIN workers w ON w.id = r.worker_id"))
-    assert refused and all(r["name"].startswith(class_logins.names[3]) for r in refused), refused
-    # Equal to train-local means every unit counted, and each was computed honestly.
 
 
 def test_a_non_finite_step_is_named_before_it_could_be_published() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from ganns_async.local import LocalOptions, train_local
@@ -28,6 +29,7 @@ def _eval_matches_train(g: Generator, noise: torch.Tensor) -> tuple[bool, str]:
     return ok, f"mean diff {(m_e - m_t).abs().max():.3f}, std ratio {ratio.min():.3f}..{ratio.max():.3f}"
 
 
+@pytest.mark.slow(50)
 def test_eval_mode_samples_match_train_mode(synth_zip: Path, tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     try:

@@ -7,9 +7,10 @@ import signal
 from pathlib import Path
 
 import asyncpg
+import pytest
 import torch
 
-from test_end_to_end import _fetch, _spawn, _stop
+from helpers import _fetch, _spawn, _stop
 
 
 async def _plant_hostile_gradient(url: str, payload: bytes) -> int:
@@ -75,6 +76,7 @@ def test_hostile_gradient_is_rejected_and_its_unit_recomputed(migrated_url: str,
     assert [tuple(r) for r in asyncio.run(_fetch(migrated_url, "SELECT status, step FROM runs"))] == [("done", 2)]
 
 
+@pytest.mark.slow(35)
 def test_coordinator_killed_mid_run_resumes_from_the_database(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
     common = ["--db", migrated_url, "--data", str(synth_zip)]
     out = tmp_path / "out"
@@ -121,7 +123,7 @@ def test_step_closes_on_its_deadline_with_min_units(migrated_url: str, synth_zip
     """A unit held by a silent worker does not block the class: the step closes without it."""
     common = ["--db", migrated_url, "--data", str(synth_zip)]
     coord = _spawn("coordinator", *common, "--max-steps", "2", "--unit-size", "8", "--units-per-step", "3",
-                   "--local-steps", "1", "--step-timeout", "6", "--min-units", "2", "--max-staleness", "0", "--eval-every", "0",
+                   "--local-steps", "1", "--step-timeout", "15", "--min-units", "2", "--max-staleness", "0", "--eval-every", "0",
                    "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
 
     async def hog() -> int:
@@ -158,7 +160,7 @@ def test_step_closes_on_its_deadline_with_min_units(migrated_url: str, synth_zip
 
 
 def test_a_second_coordinator_cannot_take_over_a_live_run(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
-    from conftest import cli
+    from helpers import cli
 
     common = ["--db", migrated_url, "--data", str(synth_zip)]
     first = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "5", "--eval-every", "0", "--out", str(tmp_path / "a"),
@@ -189,14 +191,14 @@ def test_a_second_coordinator_cannot_take_over_a_live_run(migrated_url: str, syn
 
 
 def test_operator_pauses_resumes_and_stops_the_run(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
-    from conftest import cli
+    from helpers import cli
 
     common = ["--db", migrated_url, "--data", str(synth_zip)]
     coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "1000", "--unit-size", "8", "--eval-every", "0",
                    "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
     worker = _spawn("worker", *common, "--name", "obedient", "--threads", "1", log=tmp_path / "w.log")
     try:
-        from test_end_to_end import _wait_for_worker_state
+        from helpers import _wait_for_worker_state
 
         asyncio.run(_wait_for_worker_state(migrated_url, "obedient", "computing"))
         paused = cli("control", "pause", "--db", migrated_url)

@@ -6,17 +6,18 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import cli
 from ganns_async.data import ImageDataset, write_synthetic
 from ganns_async.model import Generator, build_models
 from ganns_async.quality import evaluate_generator
-from test_end_to_end import _fetch, _spawn, _stop
+from helpers import _fetch, _spawn, _stop, cli
 
 ROUNDS = 32  # of 2 units x 8 steps x 16 images: 8192 images, about three minutes on two CPU cores
 
 
+@pytest.mark.slow(200)
 def test_two_workers_with_local_steps_learn_faces_they_have_not_seen(migrated_url: str, tmp_path: Path) -> None:
     train, held_out = tmp_path / "train.zip", tmp_path / "held_out.zip"
     write_synthetic(train, 1024, seed=21)

@@ -2,32 +2,27 @@
 
 Everything runs against a real PostgreSQL: the session's server (embedded PostgreSQL 18
 unless DATABASE_URL is set) and, where the system has it, a throwaway PostgreSQL 15.
+(The files themselves: tests/unit/test_migration_files.py; require_migrated in-process:
+tests/integration/test_migrations_db.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import os
-import shutil
-import socket
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from conftest import REPO, cli, fresh_database
 from ganns_async.db import Database
 from ganns_async.embedded import psql_binary
-from ganns_async.errors import UserError
 from ganns_async.migrate import require_migrated
+from helpers import PG15_BIN, REPO, cli, fresh_database, pg15_cluster
 
 SQL_FILES = sorted(p for p in (REPO / "sql").iterdir() if p.suffix == ".sql" and p.name[:3].isdigit())
-PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
 def _run(coro):  # type: ignore[no-untyped-def]
@@ -188,11 +183,6 @@ def assert_one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> s
 # --- CLI and psql agree ---------------------------------------------------------------
 
 
-def test_sql_files_present() -> None:
-    assert [p.name for p in SQL_FILES][:1] == ["001_schema.sql"]
-    assert psql_binary(), "psql not found"
-
-
 def test_cli_and_psql_give_the_same_schema(db_url: str, db_url2: str) -> None:
     r = cli("db", "migrate", "--db", db_url)
     assert r.returncode == 0, r.stderr
@@ -276,11 +266,6 @@ def test_status_on_empty_database_lists_pending(db_url: str) -> None:
     assert schema(db_url)["tables"] == []
 
 
-def test_require_migrated_refuses_empty_database(db_url: str) -> None:
-    with pytest.raises(UserError, match="not migrated"):
-        _run(_require_migrated(db_url))
-
-
 def test_worker_refuses_unmigrated_database(db_url: str, synth_zip: Path) -> None:
     r = cli("worker", "--db", db_url, "--data", str(synth_zip), "--device", "cpu", "--no-tui", timeout=120)
     assert_one_line_error(r, "not migrated", "ganns-async db migrate")
@@ -295,64 +280,6 @@ def test_coordinator_refuses_unmigrated_database(db_url: str, synth_zip: Path, t
 
 
 # --- the system's PostgreSQL 15 -------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def pg15_cluster(password: str | None = None) -> Iterator[str]:
-    """A throwaway PostgreSQL 15 on a Unix socket in a temp dir; yields the superuser URL.
-
-    With ``password``, every connection must authenticate with scram-sha-256.
-    Skips the test when /usr/lib/postgresql/15 is not installed.
-    """
-    if not (PG15_BIN / "initdb").exists():
-        pytest.skip(f"system PostgreSQL 15 not installed ({PG15_BIN / 'initdb'} missing)")
-    as_user: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="ganns-pg15-"))
-    if os.geteuid() == 0:
-        # PostgreSQL refuses to run as root; the embedded server's setup made this user.
-        if subprocess.run(["id", "pgserver"], capture_output=True).returncode != 0:
-            shutil.rmtree(root, ignore_errors=True)
-            pytest.skip("running as root and there is no 'pgserver' user to run PostgreSQL 15 as")
-        as_user = ["runuser", "-u", "pgserver", "--"]
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    init = [str(PG15_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8", "--no-locale"]
-    if password is not None:
-        (root / "pw").write_text(password + "\n")
-        init += ["--auth=scram-sha-256", f"--pwfile={root / 'pw'}"]
-    else:
-        init += ["--auth=trust"]
-    if as_user:
-        shutil.chown(root, "pgserver", "pgserver")
-        shutil.chown(sock, "pgserver", "pgserver")
-        if password is not None:
-            shutil.chown(root / "pw", "pgserver", "pgserver")
-    port = _free_port()
-    pg_ctl = [*as_user, str(PG15_BIN / "pg_ctl"), "-D", str(data)]
-    started = False
-    try:
-        r = subprocess.run([*as_user, *init], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, f"initdb failed:\n{r.stdout}\n{r.stderr}"
-        r = subprocess.run(
-            [*pg_ctl, "-l", str(root / "log"), "-w", "-t", "60",
-             "-o", f"-c listen_addresses='' -k {sock} -p {port} -c fsync=off", "start"],
-            capture_output=True, text=True, timeout=90,
-        )
-        started = True
-        log = (root / "log").read_text(errors="replace") if (root / "log").exists() else ""
-        assert r.returncode == 0, f"pg_ctl start failed:\n{r.stdout}\n{r.stderr}\n{log}"
-        auth = f"postgres:{password}" if password is not None else "postgres"
-        yield f"postgresql://{auth}@/postgres?host={sock}&port={port}"
-    finally:
-        if started:
-            subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _notify_from_psql_insert(url: str, psql: str) -> list[tuple[str, str]]:

@@ -1,0 +1,286 @@
+"""Helpers the tests of every tier import (``from helpers import ...``).
+
+A plain module, not a conftest: a tier may have a ``conftest.py`` of its own (tests/unit/
+has), and pytest would make ``from conftest import`` mean whichever was imported last. ``tests/`` is on
+``sys.path`` through ``pythonpath = ["tests"]`` in pyproject.toml. The fixtures themselves
+live in ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent  # the repository's root
+
+
+def _run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+# --- databases and logins -------------------------------------------------------------
+
+
+def with_database(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
+
+
+async def _create_db(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_db(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A fresh, empty database on ``server_url``, dropped afterwards."""
+    name = f"ganns_test_{uuid.uuid4().hex[:12]}"
+    _run(_create_db(server_url, name))
+    try:
+        yield with_database(server_url, name)
+    finally:
+        _run(_drop_db(server_url, name))
+
+
+@dataclass
+class ClassLogins:
+    """Logins of a class (sql/003_roles.sql): URLs for the admin (the migrating superuser), an
+    instructor, three students and a viewer."""
+
+    admin: str
+    instructor: str
+    alice: str
+    bob: str
+    mallory: str
+    viewer: str
+    names: list[str]
+
+    def url(self, who: str) -> str:
+        return getattr(self, who)
+
+
+async def _make_logins(admin: str, tag: str) -> ClassLogins:
+    from ganns_async.logins import add_login
+
+    kinds = [("teacher", "instructor"), ("alice", "student"), ("bob", "student"), ("mallory", "student"),
+             ("viewer", "viewer")]
+    names = [f"t{tag}_{who}" for who, _ in kinds]
+    urls = [await add_login(admin, name, role, generate_password=False) for name, (_, role) in zip(names, kinds)]
+    return ClassLogins(admin, *urls, names=names)
+
+
+async def drop_logins(admin: str, names: list[str]) -> None:
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])",
+                           names)
+        for name in names:
+            await conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+# --- the real CLI in subprocesses (acceptance tests) -----------------------------------
+
+PY = [sys.executable, "-m", "ganns_async"]
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    """Run the real CLI in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "ganns_async", *args],
+        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=kw.pop("cwd", REPO), **kw,
+    )
+
+
+def _spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    fh = open(log, "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([*PY, *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                            env={**os.environ, "GANNS_NO_TUI": "1"})
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, timeout: float = 30) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+async def _wait_for_worker_state(url: str, name: str, state: str, timeout: float = 120) -> int:
+    """Block until worker ``name`` reports ``state``; woken by the workers trigger, not a poll loop."""
+    conn = await asyncpg.connect(url)
+    changed = asyncio.Event()
+    await conn.add_listener("ganns_workers", lambda *_: changed.set())
+    try:
+        async def check() -> int | None:
+            return await conn.fetchval("SELECT id FROM workers WHERE name = $1 AND state = $2", name, state)
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (found := await check()) is None:
+            changed.clear()
+            if (found := await check()) is not None:
+                break
+            remaining = deadline - asyncio.get_running_loop().time()
+            assert remaining > 0, f"worker {name} never reached state {state}"
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        return found
+    finally:
+        await conn.close()
+
+
+# --- the synchronous reference run (train-local) --------------------------------------
+
+SEED, UNIT, UNITS_PER_STEP, STEPS = 7, 16, 2, 3
+
+
+def _train_local(synth_zip: Path, tmp_path: Path, **kw: float | str) -> dict[str, torch.Tensor]:
+    from ganns_async.local import LocalOptions, train_local
+    from ganns_async.training import TrainConfig
+
+    threads = torch.get_num_threads()
+    try:
+        cfg = TrainConfig(seed=SEED, unit_size=UNIT, units_per_step=UNITS_PER_STEP, max_staleness=0,
+                          **{"grad_dtype": "fp32", **kw})  # type: ignore[arg-type]
+        result = train_local(LocalOptions(data=str(synth_zip), max_steps=STEPS, out=tmp_path / "local",
+                                          config=cfg, checkpoint_every=STEPS, threads=1))
+    finally:
+        torch.set_num_threads(threads)
+    assert result.trainer.g_ema is not None
+    return {**{f"G.{k}": v for k, v in result.trainer.g.state_dict().items()},
+            **{f"D.{k}": v for k, v in result.trainer.d.state_dict().items()},
+            **{f"EMA.{k}": v for k, v in result.trainer.g_ema.state_dict().items()}}
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+# --- the system's PostgreSQL 15 -------------------------------------------------------
+
+PG15_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def pg15_cluster(password: str | None = None) -> Iterator[str]:
+    """A throwaway PostgreSQL 15 on a Unix socket in a temp dir; yields the superuser URL.
+
+    With ``password``, every connection must authenticate with scram-sha-256.
+    Skips the test when /usr/lib/postgresql/15 is not installed.
+    """
+    if not (PG15_BIN / "initdb").exists():
+        pytest.skip(f"system PostgreSQL 15 not installed ({PG15_BIN / 'initdb'} missing)")
+    as_user: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="ganns-pg15-"))
+    if os.geteuid() == 0:
+        # PostgreSQL refuses to run as root; the embedded server's setup made this user.
+        if subprocess.run(["id", "pgserver"], capture_output=True).returncode != 0:
+            shutil.rmtree(root, ignore_errors=True)
+            pytest.skip("running as root and there is no 'pgserver' user to run PostgreSQL 15 as")
+        as_user = ["runuser", "-u", "pgserver", "--"]
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    init = [str(PG15_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8", "--no-locale"]
+    if password is not None:
+        (root / "pw").write_text(password + "\n")
+        init += ["--auth=scram-sha-256", f"--pwfile={root / 'pw'}"]
+    else:
+        init += ["--auth=trust"]
+    if as_user:
+        shutil.chown(root, "pgserver", "pgserver")
+        shutil.chown(sock, "pgserver", "pgserver")
+        if password is not None:
+            shutil.chown(root / "pw", "pgserver", "pgserver")
+    port = _free_port()
+    pg_ctl = [*as_user, str(PG15_BIN / "pg_ctl"), "-D", str(data)]
+    started = False
+    try:
+        r = subprocess.run([*as_user, *init], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"initdb failed:\n{r.stdout}\n{r.stderr}"
+        r = subprocess.run(
+            [*pg_ctl, "-l", str(root / "log"), "-w", "-t", "60",
+             "-o", f"-c listen_addresses='' -k {sock} -p {port} -c fsync=off", "start"],
+            capture_output=True, text=True, timeout=90,
+        )
+        started = True
+        log = (root / "log").read_text(errors="replace") if (root / "log").exists() else ""
+        assert r.returncode == 0, f"pg_ctl start failed:\n{r.stdout}\n{r.stderr}\n{log}"
+        auth = f"postgres:{password}" if password is not None else "postgres"
+        yield f"postgresql://{auth}@/postgres?host={sock}&port={port}"
+    finally:
+        if started:
+            subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --- terminal safety ------------------------------------------------------------------
+
+HOSTILE = [
+    "\x1b]52;c;cm0gLXJmIH4=\x07",  # OSC 52: write the clipboard
+    "\x1b[2J\x1b[H",  # clear the screen
+    "[/x]",  # a Rich closing tag that matches nothing: MarkupError
+    "[bold red]fake[/]",
+    "line\nstep 99 applied",  # a forged log line
+    "\u202egnp.exe",  # right-to-left override
+    "\x9b31m",  # C1 CSI
+]
+
+
+def _render(renderable: object) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=120, color_system="truecolor", force_terminal=True)
+    console.print(renderable)
+    return console.export_text(clear=False)
