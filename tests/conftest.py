@@ -116,9 +116,11 @@ def pg_server() -> Iterator[str]:
     url = os.environ.get("DATABASE_URL")
     if url:
         if run:
-            with _run_lock(run):
+            with _run_lock(run) as lock:
                 _create_class_roles(url)
         yield url
+        if run:  # the roles exist now: a worker that starts later needs no lock
+            lock.unlink(missing_ok=True)
         return
     if run:
         with _shared_embedded_postgres(run) as url:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from collections.abc import Iterator
 
 import asyncpg
 import pytest
 
 from ganns_async.db import Database
-from helpers import ClassLogins
+from helpers import ClassLogins, drop_logins
 
 TABLES = ["runs", "weights", "workers", "work_units", "gradients", "rejections", "events", "metrics",
           "ganns_migrations"]
@@ -29,8 +31,18 @@ API = {  # function -> arguments that reach its body
     "ganns_api.report_unusable(bigint,bigint,text)": "-1, -1, 'x'",
     "ganns_api.rank(bigint)": "-1",
 }
+# The admin's call really makes this login, and roles belong to the whole server: a name of
+# its own, so that runs sharing a server (xdist's workers, a DATABASE_URL) never collide,
+# dropped after this file's tests.
+PROBE_LOGIN = f"probe_{uuid.uuid4().hex[:12]}"
 INTERNAL = ["ganns_api._trusted()", "ganns_api._clean('x', 1)", "ganns_api._own_worker(1)",
-            "ganns_admin.add_login('x', NULL, 'worker')"]
+            f"ganns_admin.add_login('{PROBE_LOGIN}', NULL, 'worker')"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_probe_login(pg_server: str) -> Iterator[None]:
+    yield
+    asyncio.run(drop_logins(pg_server, [PROBE_LOGIN]))
 
 
 async def _allowed(url: str, sql: str) -> bool:
@@ -203,7 +215,7 @@ def test_the_api_sets_the_limits_not_the_client(class_logins: ClassLogins) -> No
 
 def test_students_cannot_cancel_a_unit_by_reporting_it_unusable(class_logins: ClassLogins) -> None:
     """A report sends the unit to another login and counts against the reporter; only the
-    instructor's machines can cancel a unit (tests/test_recovery.py)."""
+    instructor's machines can cancel a unit (tests/acceptance/test_recovery.py)."""
 
     async def main() -> None:
         run_id = await _run_with_units(class_logins.admin, n=1)
