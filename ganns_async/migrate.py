@@ -18,6 +18,7 @@ from pathlib import Path
 from ganns_async.db import Database, connect
 from ganns_async.errors import UserError
 
+UNIQUE_VIOLATION = "23505"
 _FILE_RE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
@@ -110,12 +111,19 @@ async def migrate(url: str) -> list[str]:
                 if applied[m.name][0] is None:
                     await conn.execute(queries()["record_migration_checksum"], m.name, m.checksum)
                 continue
-            try:
-                await conn.execute(m.sql)
-            except Exception as exc:
-                with contextlib.suppress(Exception):
-                    await conn.execute(queries()["rollback"])
-                raise UserError(f"migration {m.name} failed: {exc}") from exc
+            for attempt in range(2):
+                try:
+                    await conn.execute(m.sql)
+                    break
+                except Exception as exc:
+                    with contextlib.suppress(Exception):
+                        await conn.execute(queries()["rollback"])
+                    # Roles belong to the whole server: two databases migrated at once on a
+                    # new server both create them, and the loser's CREATE ROLE fails with a
+                    # unique violation. Its transaction rolled back; now the roles exist.
+                    if attempt == 0 and getattr(exc, "sqlstate", None) == UNIQUE_VIOLATION:
+                        continue
+                    raise UserError(f"migration {m.name} failed: {exc}") from exc
             await conn.execute(queries()["record_migration_checksum"], m.name, m.checksum)
             done.append(m.name)
     finally:

@@ -164,3 +164,22 @@ def test_notifications_dropped_or_doubled_and_data_intact(srv: PrivateServer, pr
         assert proxy.notifications_doubled == (50 if duplicate else 0)
 
     run(go())
+
+
+def test_two_databases_migrated_at_once_on_a_new_server() -> None:
+    """Roles are server-wide: both migrations create them, one loses the race (a unique
+    violation) and applies again once they exist. Needs a server no test has migrated on."""
+    from ganns_async.migrate import migrate
+
+    async def go(server: PrivateServer) -> None:
+        conn = await asyncpg.connect(server.url)
+        try:
+            for name in ("race_a", "race_b", "race_c"):
+                await conn.execute(f"CREATE DATABASE {name}")
+        finally:
+            await conn.close()
+        applied = await asyncio.gather(*(migrate(server.url_for(n)) for n in ("race_a", "race_b", "race_c")))
+        assert all("003_roles" in a and "004_states" in a for a in applied)
+
+    with PrivateServer() as server:
+        run(go(server))
