@@ -18,6 +18,7 @@ ROUNDS = 32  # of 2 units x 8 steps x 16 images: 8192 images, about three minute
 
 
 @pytest.mark.slow(200)
+@pytest.mark.timeout(1500)  # 200 s alone; it shares 2 cores with the other xdist process's tests
 def test_two_workers_with_local_steps_learn_faces_they_have_not_seen(migrated_url: str, tmp_path: Path) -> None:
     train, held_out = tmp_path / "train.zip", tmp_path / "held_out.zip"
     write_synthetic(train, 1024, seed=21)
