@@ -2,7 +2,7 @@
 
 Each configuration trains the same number of images on the same synthetic faces with
 ``train-local``'s simulation of W workers (a distributed run with the same settings lands on
-the same weights: tests/test_equivalence.py), and records the sliced Wasserstein distance
+the same weights: tests/acceptance/test_equivalence.py), and records the sliced Wasserstein distance
 (x1e3, lower is better) of the raw generator and of its moving average at fixed image
 counts. Bytes through PostgreSQL per image come from the real blobs' sizes:
 
