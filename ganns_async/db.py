@@ -51,6 +51,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    # A pooled connection that broke mid-query (the server shut down under it) can fail its
+    # reset on release with "cannot switch to state ...; another operation is in progress";
+    # the pool drops that connection, so the next try gets a fresh one.
+    asyncpg.exceptions.InternalClientError,
 )
 
 _NAME_RE = re.compile(r"^--\s*name:\s*(\S+)\s*$", re.MULTILINE)
