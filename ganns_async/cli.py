@@ -258,10 +258,15 @@ def coordinator(
     eval_n: int = typer.Option(512, "--eval-n", envvar="GANNS_EVAL_N", min=16,
                                help="Generated and real images compared for each SWD during training."),
     hf_repo: Optional[str] = typer.Option(None, "--hf-repo", envvar="GANNS_HF_REPO",
-                                          help="Push the checkpoint, newest samples, metrics.png and a model card to "
-                                               "this Hugging Face repo (USER/NAME). Token: HF_TOKEN or `hf auth login`."),
+                                          help="Push the model (OUT/generator/: config.json, model.safetensors, "
+                                               "README.md), newest samples and metrics.png to this Hugging Face repo "
+                                               "(USER/NAME). Token: HF_TOKEN or `hf auth login`."),
     hf_push_every: Optional[int] = typer.Option(None, "--hf-push-every", envvar="GANNS_HF_PUSH_EVERY", min=1,
                                                 help="Steps between pushes [default: --checkpoint-every]."),
+    hf_checkpoint_every: int = typer.Option(100, "--hf-checkpoint-every", envvar="GANNS_HF_CHECKPOINT_EVERY", min=1,
+                                            help="Steps between pushes that also send the training checkpoint "
+                                                 "(the first and the final push always do); the others send "
+                                                 "the generator folder, samples and curves."),
     hf_private: bool = typer.Option(False, "--hf-private", envvar="GANNS_HF_PRIVATE",
                                     help="Create the Hub repo as private."),
     no_tui: bool = typer.Option(False, "--no-tui", envvar="GANNS_NO_TUI", help="Plain log lines instead of a dashboard."),
@@ -271,8 +276,9 @@ def coordinator(
     By default every round gives each online worker one unit of 32 local steps (FedAvg);
     --local-steps 1 is the exact synchronous mode (averaged gradients, Adam).
 
-    Writes OUT/checkpoint_latest.pth (loadable with the model card's snippet) and 8x8 sample
-    grids OUT/samples/step_NNNNNN.png. Ctrl-C pauses the run; --resume continues it.
+    Writes OUT/checkpoint_latest.pth (loadable with the model card's snippet), 8x8 sample
+    grids OUT/samples/step_NNNNNN.png and OUT/generator/, the model as the Hub sees it
+    (Generator.from_pretrained("OUT/generator")). Ctrl-C pauses the run; --resume continues it.
     """
     from ganns_async.coordinator import CoordinatorOptions
     from ganns_async.training import TrainConfig
@@ -292,7 +298,8 @@ def coordinator(
                                   step_timeout=step_timeout, min_units=min_units,
                                   checkpoint_every=checkpoint_every, state_every=state_every, sweep_s=sweep,
                                   eval_every=eval_every, eval_n=eval_n, hf_repo=hf_repo,
-                                  hf_push_every=hf_push_every, hf_private=hf_private, spot_check=spot_check)
+                                  hf_push_every=hf_push_every, hf_checkpoint_every=hf_checkpoint_every,
+                                  hf_private=hf_private, spot_check=spot_check)
         _run_async(lambda: _coordinate(opts, tui=want_tui(no_tui)))
 
     _run(body)

@@ -91,6 +91,7 @@ class CoordinatorOptions:
     eval_n: int = 512  # images per side for SWD during training
     hf_repo: str | None = None  # push checkpoint, samples and a model card here
     hf_push_every: int | None = None  # steps between pushes [default: checkpoint_every]
+    hf_checkpoint_every: int = 100  # steps between pushes that include the training checkpoint
     hf_private: bool = False
     sweep_s: float = 15.0
     spot_check: float = 0.05  # share of results checked by a copy (plus each worker's first ones)
@@ -174,6 +175,7 @@ class Coordinator:
             from ganns_async.hub_publisher import HubPublisher
 
             self.publisher = HubPublisher(opts.hf_repo, private=opts.hf_private, out=opts.out,
+                                          checkpoint_every=opts.hf_checkpoint_every,
                                           event=lambda msg: self._retry("logging", lambda: self._event("hub", msg)),
                                           outputs_written=self.outputs.wait)
             self.publisher.check_token()
@@ -577,10 +579,11 @@ class Coordinator:
                   version, t1 - t0, *timings, " (with state)" if with_state else "")
         if self.opts.eval_every and version % self.opts.eval_every == 0 and self.evaluator is not None:
             self.evaluator.schedule(version, self.trainer)
-        if version % self.opts.checkpoint_every == 0 or self.outputs.failing is not None:
+        push = self.publisher is not None and version % (self.opts.hf_push_every or self.opts.checkpoint_every) == 0
+        if version % self.opts.checkpoint_every == 0 or self.outputs.failing is not None or push:
             self._queue_outputs()  # every step while writing fails, until it works again
-        if self.publisher is not None and version % (self.opts.hf_push_every or self.opts.checkpoint_every) == 0:
-            self.publisher.maybe_push(self._push_info())
+        if push and self.publisher is not None:
+            self.publisher.maybe_push(self._card_info())  # waits for the files just queued
         self._publish()
         try:
             await self._housekeeping(version, decision, acc)
@@ -649,7 +652,7 @@ class Coordinator:
         rows = await self._retry("reading the metrics", lambda: self.store.run_metrics(run_id))
         await self.outputs.metrics_plot(rows, run_id)
         if self.publisher is not None:
-            await self.publisher.final_push(self._push_info())
+            await self.publisher.final_push(self._card_info())
         await self._retry("saving the optimizer state", self._save_state)
         await self._retry("marking the run done", lambda: self.store.set_status(run_id, "done"))
         summary = self.evaluator.summary()
@@ -663,7 +666,7 @@ class Coordinator:
     def _queue_outputs(self) -> None:
         assert self.run_id is not None
         self.outputs.queue(self.trainer, step=self.step, epoch=self.status.epoch, images_seen=self.images_seen,
-                           run_id=self.run_id)
+                           run_id=self.run_id, card_info=self._card_info())
 
     async def _record_swd(self, step: int, swd: float) -> None:
         run_id = self.run_id
@@ -675,8 +678,10 @@ class Coordinator:
     def swd(self) -> dict[int, float]:
         return self.evaluator.swd if self.evaluator is not None else {}
 
-    def _push_info(self) -> dict[str, Any]:
+    def _card_info(self) -> dict[str, Any]:
+        """What the model card says about the run now (see ganns_async.model_card)."""
         return {"step": self.step, "epoch": self.status.epoch, "images_seen": self.images_seen,
                 "workers": len(self._contributors),
                 "swd": self.evaluator.latest() if self.evaluator is not None else None,
-                "config": dataclasses.asdict(self.cfg)}
+                "config": dataclasses.asdict(self.cfg),
+                "repo_id": self.opts.hf_repo or (self.opts.out / "generator").as_posix()}

@@ -1,9 +1,12 @@
-"""The Hugging Face Hub: fetch the CelebA zip, push checkpoints with a model card.
+"""The Hugging Face Hub: fetch the CelebA zip, push the model as training goes.
 
 Downloads go through ``hf_hub_download`` (its cache, its progress bars, its resume of an
 interrupted stream); a file already in the cache is returned without touching the network.
-Pushes are one commit per call (checkpoint, latest sample grid, curves, README.md) through
-``HfApi.create_commit``. Everything here is synchronous: callers on an event loop run it
+Pushes are one commit per call through ``HfApi.create_commit``: the ``OUT/generator/``
+folder (``config.json``, ``model.safetensors``, ``README.md``: what
+``Generator.from_pretrained`` reads), the newest sample grid, the curves, and when asked the
+full training checkpoint (both networks and optimizer states: several times the generator, so not every time: the repository's history keeps every
+version of every file). Everything here is synchronous: callers on an event loop run it
 in a thread.
 
 The Hub endpoint is ``endpoint=`` when given, else ``HF_ENDPOINT`` read *at call time*
@@ -36,10 +39,9 @@ CHECKPOINT_NAME = "checkpoint_latest.pth"  # same name as ganns_async.outputs (n
 LATEST_SAMPLE = "samples/latest.png"
 METRICS_NAME = "metrics.png"
 
-GENERATOR_PARAMETERS = 3_576_704
-DISCRIMINATOR_PARAMETERS = 2_765_568
-IMAGE_SIZE = 64
-LATENT_DIM = 100
+GENERATOR_DIR = "generator"  # OUT/generator/: the exact content of the Hub repo's model files
+MODEL_FILES = ("config.json", "model.safetensors")
+CARD_NAME = "README.md"
 
 # huggingface_hub's shared HTTP client has no timeout at all (``timeout=None``); its
 # downloads pass their own (HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT, 10 s) but
@@ -312,231 +314,6 @@ def resolve_data(data: str) -> str:
     return str(fetch_dataset(repo, path, repo_type=repo_type, revision=revision))
 
 
-# --------------------------------------------------------------------------- model card
-
-
-def _fmt_int(value: Any) -> str:
-    try:
-        return f"{int(value):,}"
-    except (TypeError, ValueError):
-        return "unknown"
-
-
-def _fmt_num(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return "unknown"
-    if isinstance(value, (int, float)):
-        return f"{value:g}"
-    return str(value)
-
-
-def _staleness(value: Any) -> str:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value} optimizer step{'' if value == 1 else 's'}"
-    return _fmt_num(value)
-
-
-def _workers_count(workers: Any) -> str:
-    if isinstance(workers, int) and not isinstance(workers, bool):
-        return f"{workers:,}"
-    if isinstance(workers, (Sequence, set, frozenset)) and not isinstance(workers, (str, bytes)):
-        return f"{len(workers):,}"  # a count only: worker names stay out of a public card
-    return "unknown"
-
-
-def build_model_card(info: Mapping[str, Any]) -> str:
-    """README.md for the pushed repository: front matter, architecture, configuration, state, usage."""
-    repo_id = str(info.get("repo_id") or DEFAULT_REPO)
-    cfg: Mapping[str, Any] = info.get("config") or {}
-    step = _fmt_int(info.get("step"))
-    epoch = _fmt_int(info.get("epoch"))
-    images = _fmt_int(info.get("images_seen"))
-    workers = _workers_count(info.get("workers"))
-    swd = info.get("swd")
-    swd_text = f"{float(swd):.4f}" if isinstance(swd, (int, float)) and not isinstance(swd, bool) else "not recorded"
-    unit_size = cfg.get("unit_size")
-    units_per_step = cfg.get("units_per_step")
-    ema_text = ("`generator_state_dict` is the moving average of the generator's weights, the one to "
-                "sample from; `generator_raw_state_dict` holds the weights the optimizer state belongs to. "
-                if float(cfg.get("g_ema") or 0.0) > 0 else "")
-    local_steps = cfg.get("local_steps", 1)
-    if not isinstance(local_steps, int) or isinstance(local_steps, bool) or local_steps < 1:
-        local_steps = 1
-    width = "one per worker" if units_per_step == 0 else _fmt_num(units_per_step)
-    if isinstance(unit_size, int) and isinstance(units_per_step, int) and units_per_step > 0 and local_steps == 1:
-        batch = f"{unit_size * units_per_step:,} ({units_per_step} units x {unit_size} images)"
-    elif isinstance(unit_size, int) and local_steps > 1:
-        batch = f"{unit_size:,} per worker step"
-    else:
-        batch = "unknown"
-    if local_steps > 1:
-        mode = (f"local steps: each unit is {local_steps} alternating D/G Adam steps on a worker; rounds average "
-                f"the changes (outer lr {_fmt_num(cfg.get('outer_lr', 1.0))}, "
-                f"momentum {_fmt_num(cfg.get('outer_momentum', 0.0))})")
-    else:
-        mode = "exact: averaged gradients, one Adam step per step"
-    sample_name = info.get("sample_name")
-    has_metrics = bool(info.get("has_metrics"))
-
-    lines: list[str] = [
-        "---",
-        "license: mit",
-        "tags:",
-        "  - pytorch",
-        "  - gan",
-        "  - dcgan",
-        "  - image-generation",
-        "  - celeba",
-        "  - educational",
-        "  - distributed-training",
-        "datasets:",
-        "  - celeba",
-        "pipeline_tag: unconditional-image-generation",
-        "---",
-        "",
-        "# GANNs with Friends - Distributed DCGAN for CelebA",
-        "",
-        "A DCGAN trained on CelebA by a classroom: one coordinator and many student workers, "
-        "meeting only through PostgreSQL (`ganns-async`). This repository holds the latest "
-        "checkpoint, pushed by the coordinator as training goes.",
-        "",
-    ]
-    if sample_name:
-        lines += [
-            f"![Samples from fixed noise at step {step}]({LATEST_SAMPLE})",
-            "",
-            f"*64 samples from the run's fixed noise at step {step} "
-            f"(also kept as [`samples/{sample_name}`](samples/{sample_name})).*",
-            "",
-        ]
-    lines += [
-        "## Model description",
-        "",
-        "A **DCGAN** ([Radford et al., 2015](https://arxiv.org/abs/1511.06434)) generating 64x64 RGB faces.",
-        "",
-        "### Architecture",
-        "",
-        f"**Generator** ({GENERATOR_PARAMETERS:,} trainable parameters):",
-        f"- Input: {LATENT_DIM}-dimensional latent noise vector",
-        "- 5 transposed convolutional layers with batch normalization and ReLU activation",
-        f"- Output: {IMAGE_SIZE}x{IMAGE_SIZE}x3 RGB image (Tanh activation, range [-1, 1])",
-        "",
-        f"**Discriminator** ({DISCRIMINATOR_PARAMETERS:,} trainable parameters):",
-        f"- Input: {IMAGE_SIZE}x{IMAGE_SIZE}x3 RGB image",
-        "- 5 convolutional layers with batch normalization and LeakyReLU (0.2)",
-        "- Output: single logit for real/fake classification",
-        "",
-        "### Training configuration",
-        "",
-        "| Parameter | Value |",
-        "|-----------|-------|",
-        f"| Image size | {IMAGE_SIZE}x{IMAGE_SIZE} |",
-        f"| Latent dimension | {LATENT_DIM} |",
-        f"| Effective batch size | {batch} |",
-        f"| Learning rate | {_fmt_num(cfg.get('lr'))} |",
-        f"| Optimizer | Adam (β1={_fmt_num(cfg.get('beta1'))}, β2={_fmt_num(cfg.get('beta2'))}) |",
-        "| Loss | BCEWithLogitsLoss |",
-        f"| Update rule | {mode} |",
-        f"| Units per step | {width} |",
-        f"| Unit size | {_fmt_num(unit_size)} images{' per local step' if local_steps > 1 else ''} |",
-        f"| Max staleness | {_staleness(cfg.get('max_staleness'))} |",
-        f"| Seed | {_fmt_num(cfg.get('seed'))} |",
-        "",
-        "## Training state",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| Optimizer step | {step} |",
-        f"| Epoch | {epoch} |",
-        f"| Images seen | {images} |",
-        f"| Contributing workers | {workers} |",
-        f"| Latest SWD (sliced Wasserstein distance, lower is better) | {swd_text} |",
-        "",
-    ]
-    if has_metrics:
-        lines += [f"![Training curves]({METRICS_NAME})", ""]
-    lines += [
-        "## Usage",
-        "",
-        "### Loading the generator",
-        "",
-        "```python",
-        "import torch",
-        "from huggingface_hub import hf_hub_download",
-        "",
-        "# Download checkpoint",
-        "checkpoint_path = hf_hub_download(",
-        f'    repo_id="{repo_id}",',
-        f'    filename="{CHECKPOINT_NAME}"',
-        ")",
-        "",
-        "# Load checkpoint",
-        "checkpoint = torch.load(checkpoint_path, map_location='cpu')",
-        "",
-        "# Define Generator architecture",
-        "import torch.nn as nn",
-        "",
-        "class Generator(nn.Module):",
-        "    def __init__(self, latent_dim=100, num_channels=3, feature_maps=64):",
-        "        super(Generator, self).__init__()",
-        "        self.main = nn.Sequential(",
-        "            nn.ConvTranspose2d(latent_dim, feature_maps * 8, 4, 1, 0, bias=False),",
-        "            nn.BatchNorm2d(feature_maps * 8),",
-        "            nn.ReLU(True),",
-        "            nn.ConvTranspose2d(feature_maps * 8, feature_maps * 4, 4, 2, 1, bias=False),",
-        "            nn.BatchNorm2d(feature_maps * 4),",
-        "            nn.ReLU(True),",
-        "            nn.ConvTranspose2d(feature_maps * 4, feature_maps * 2, 4, 2, 1, bias=False),",
-        "            nn.BatchNorm2d(feature_maps * 2),",
-        "            nn.ReLU(True),",
-        "            nn.ConvTranspose2d(feature_maps * 2, feature_maps, 4, 2, 1, bias=False),",
-        "            nn.BatchNorm2d(feature_maps),",
-        "            nn.ReLU(True),",
-        "            nn.ConvTranspose2d(feature_maps, num_channels, 4, 2, 1, bias=False),",
-        "            nn.Tanh()",
-        "        )",
-        "",
-        "    def forward(self, z):",
-        "        return self.main(z)",
-        "",
-        "# Load weights",
-        "generator = Generator()",
-        "generator.load_state_dict(checkpoint['generator_state_dict'])",
-        "generator.eval()",
-        "",
-        "# Generate images",
-        "with torch.no_grad():",
-        "    noise = torch.randn(16, 100, 1, 1)",
-        "    fake_images = generator(noise)",
-        "    # Images are in range [-1, 1], normalize to [0, 1] for display",
-        "    fake_images = (fake_images + 1) / 2",
-        "```",
-        "",
-        ema_text +
-        "The checkpoint also holds `discriminator_state_dict`, both optimizer states, `step`, "
-        "`epoch`, `images_seen` and the training `config`; it loads with `weights_only=True`.",
-        "",
-        "### The dataset",
-        "",
-        f"Training used CelebA as `{DEFAULT_FILENAME}` from "
-        f"[{DEFAULT_REPO}](https://huggingface.co/{DEFAULT_REPO}); "
-        f"`ganns-async` fetches it with `--data hf://{DEFAULT_REPO}/{DEFAULT_FILENAME}`.",
-        "",
-        "## Intended use and limitations",
-        "",
-        "Educational: learning about GANs and distributed training. Generated faces are 64x64, may "
-        "show common GAN artifacts, and should not be used to create misleading content or to "
-        "impersonate real people.",
-        "",
-        "## License",
-        "",
-        "MIT. CelebA: [Liu et al., ICCV 2015](http://mmlab.ie.cuhk.edu.hk/projects/CelebA.html) "
-        "(non-commercial research purposes).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- push
 
 
@@ -639,14 +416,37 @@ class HubPusher:
             message = message.replace(token, "***")
         return PushError(message, transient=transient, status=status)
 
-    def push(self, out_dir: Path, info: Mapping[str, Any]) -> str:
-        """Upload checkpoint, newest sample grid, curves and README.md in one commit; return the commit URL.
+    def _remote_card(self, api: Any) -> str | None:
+        """The README.md on the Hub now (someone may have edited it there), or None."""
+        import tempfile
 
-        Raises :class:`PushError` (one line) on any failure; nothing is retried here.
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+        with tempfile.TemporaryDirectory(prefix="ganns-card-") as tmp:
+            try:
+                path = api.hf_hub_download(self.repo_id, CARD_NAME, repo_type="model", cache_dir=tmp)
+            except (RepositoryNotFoundError, EntryNotFoundError):
+                return None
+            return Path(path).read_text(encoding="utf-8", errors="replace")
+
+    def push(self, out_dir: Path, info: Mapping[str, Any], *, checkpoint: bool = True) -> str:
+        """Upload ``out_dir/generator/``, the newest sample grid, the curves and (with
+        ``checkpoint``) ``checkpoint_latest.pth`` in one commit; return the commit URL.
+
+        The card pushed is the folder's card merged into the one on the Hub (its prose stays,
+        metadata and figures are updated), and is written back to the folder, so the folder
+        stays the repository's exact content. Raises :class:`PushError` (one line) on any
+        failure; nothing is retried here.
         """
+        from ganns_async.model_card import CARD_LOCK, merge_card
+
         out_dir = Path(out_dir)
+        folder = out_dir / GENERATOR_DIR
+        missing = [name for name in (*MODEL_FILES, CARD_NAME) if not (folder / name).is_file()]
+        if missing:
+            raise PushError(f"push to {self.repo_id} failed: {folder / missing[0]} does not exist yet", transient=True)
         ckpt = out_dir / CHECKPOINT_NAME
-        if not ckpt.is_file():
+        if checkpoint and not ckpt.is_file():
             raise PushError(f"push to {self.repo_id} failed: {ckpt} does not exist yet", transient=True)
         token = self._resolve_token()
         _ensure_http_timeouts()
@@ -654,37 +454,48 @@ class HubPusher:
 
         try:
             # Bytes, not paths: the coordinator may replace these files while we upload.
-            files: list[tuple[str, bytes]] = [(CHECKPOINT_NAME, ckpt.read_bytes())]
+            files: list[tuple[str, bytes]] = [(name, (folder / name).read_bytes()) for name in MODEL_FILES]
+            local_card = (folder / CARD_NAME).read_text(encoding="utf-8")
+            if checkpoint:
+                files.append((CHECKPOINT_NAME, ckpt.read_bytes()))
             sample = newest_sample(out_dir)
             if sample is not None:
                 data = sample.read_bytes()
                 files += [(LATEST_SAMPLE, data), (f"samples/{sample.name}", data)]
             metrics = out_dir / METRICS_NAME
-            has_metrics = metrics.is_file()
-            if has_metrics:
+            if metrics.is_file():
                 files.append((METRICS_NAME, metrics.read_bytes()))
         except OSError as exc:
             raise PushError(f"push to {self.repo_id} failed: cannot read {_first_line(exc)}") from None
 
-        card_info = dict(info)
-        card_info["repo_id"] = self.repo_id
-        card_info["sample_name"] = sample.name if sample is not None else None
-        card_info["has_metrics"] = has_metrics
-        files.append(("README.md", build_model_card(card_info).encode("utf-8")))
-
-        step = card_info.get("step")
+        step = info.get("step")
+        what = "generator, samples, card" + (", training checkpoint" if checkpoint else "")
         api = HfApi(endpoint=self.endpoint, token=token)
         try:
             if not self._created:
                 api.create_repo(self.repo_id, repo_type="model", exist_ok=True, private=self.private)
                 self._created = True
+            card = merge_card(self._remote_card(api), local_card)
+            files.append((CARD_NAME, card.encode("utf-8")))
             operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=data) for path, data in files]
             commit = api.create_commit(self.repo_id, operations=operations, repo_type="model",
-                                       commit_message=f"Training step {step}: checkpoint, samples, model card")
+                                       commit_message=f"Training step {step}: {what}")
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
             raise self._error(exc, token) from None
+        if card != local_card:
+            with CARD_LOCK:  # the Hub's prose comes home; the next checkpoint's card merges into it
+                try:
+                    _replace_text(folder / CARD_NAME, merge_card(card, (folder / CARD_NAME).read_text(encoding="utf-8")))
+                except OSError as exc:
+                    log.warning("pushed, but could not update %s: %s", folder / CARD_NAME, exc)
         url = str(getattr(commit, "commit_url", None) or getattr(commit, "oid", "") or commit)
         log.info("pushed step %s to %s (%s)", step, self.repo_id, url)
         return url
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

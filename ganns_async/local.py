@@ -10,6 +10,7 @@ coordinator) and steps the run's optimizer. The equivalence tests compare the tw
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ganns_async.data import ImageDataset
-from ganns_async.outputs import write_checkpoint, write_sample_grid
+from ganns_async.outputs import write_checkpoint, write_generator, write_sample_grid
 from ganns_async.training import (
     StepAccumulator,
     TrainConfig,
@@ -96,7 +97,11 @@ def train_local(opts: LocalOptions) -> LocalResult:
                      m.get("d_x", float("nan")), m.get("d_g_z", float("nan")))
             if done % opts.checkpoint_every == 0 or done == opts.max_steps:
                 write_checkpoint(trainer, opts.out, step=done, epoch=epoch, images_seen=images_seen)
-                write_sample_grid(trainer, opts.out, step=done)
+                grid = write_sample_grid(trainer, opts.out, step=done)
+                write_generator(trainer, opts.out, {
+                    "step": done, "epoch": epoch, "images_seen": images_seen, "workers": 1,
+                    "config": dataclasses.asdict(cfg), "sample_name": grid.name,
+                    "repo_id": (opts.out / "generator").as_posix()})
     finally:
         dataset.close()
     return LocalResult(trainer, images_seen, time.perf_counter() - started, step_ends)

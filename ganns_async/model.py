@@ -2,12 +2,18 @@
 
 Parameter names (``main.N.weight``) match the model card's loading snippet, so
 ``checkpoint['generator_state_dict']`` loads into the card's own ``Generator``.
+
+``Generator`` is also a Hugging Face Hub model (``PyTorchModelHubMixin``): the
+coordinator's ``OUT/generator/`` folder, and the Hub repository it pushes, load with
+``Generator.from_pretrained(FOLDER_OR_REPO)`` (``config.json`` holds the constructor's
+arguments, ``model.safetensors`` the weights, never a pickle).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from huggingface_hub import PyTorchModelHubMixin
 
 LATENT_DIM = 100
 NUM_CHANNELS = 3
@@ -15,7 +21,20 @@ FEATURE_MAPS = 64
 IMAGE_SIZE = 64
 
 
-class Generator(nn.Module):
+HUB_TAGS = ["pytorch", "gan", "dcgan", "image-generation", "celeba", "educational", "distributed-training"]
+
+
+class Generator(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="ganns-async",
+    pipeline_tag="unconditional-image-generation",
+    license="mit",
+    tags=list(HUB_TAGS),
+    paper_url="https://arxiv.org/abs/1511.06434",
+):
+    """z (N x latent_dim x 1 x 1) -> images (N x num_channels x 64 x 64) in [-1, 1]."""
+
     def __init__(self, latent_dim: int = LATENT_DIM, num_channels: int = NUM_CHANNELS,
                  feature_maps: int = FEATURE_MAPS) -> None:
         super().__init__()

@@ -6,6 +6,9 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from ganns_async.training import Trainer, generate, sample_noise
 log = logging.getLogger("ganns_async.coordinator")
 
 CHECKPOINT_NAME = "checkpoint_latest.pth"
+GENERATOR_DIR = "generator"
 
 
 def write_checkpoint(trainer: Trainer, out: Path, *, step: int, epoch: int, images_seen: int,
@@ -46,6 +50,36 @@ def write_sample_grid(trainer: Trainer, out: Path, *, step: int) -> Path:
     return path
 
 
+def write_generator(trainer: Trainer, out: Path, card_info: Mapping[str, Any]) -> Path:
+    """``out/generator/``: ``config.json``, ``model.safetensors`` (the sampling generator, as
+    in the checkpoint's ``generator_state_dict``) and ``README.md``, the Hub repository's model
+    files, loadable with ``Generator.from_pretrained(out / "generator")``.
+
+    Each file is replaced atomically. An existing README.md keeps its prose (see
+    :func:`ganns_async.model_card.merge_card`).
+    """
+    from ganns_async.model_card import CARD_LOCK, merge_card, render_card
+
+    folder = out / GENERATOR_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".generator-", dir=out))
+    try:
+        trainer.sampler.save_pretrained(tmp)  # config.json + model.safetensors (and a stock card, unused)
+        for name in ("model.safetensors", "config.json"):
+            os.chmod(tmp / name, 0o644)  # safetensors creates its file 0600; the folder is for sharing
+            os.replace(tmp / name, folder / name)
+        fresh = render_card(card_info)
+        with CARD_LOCK:
+            card = folder / "README.md"
+            previous = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None
+            (tmp / "card").write_text(merge_card(previous, fresh), encoding="utf-8")
+            os.chmod(tmp / "card", 0o644)
+            os.replace(tmp / "card", card)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 class OutputWriter:
     """Checkpoints, sample grids and the metrics plot of a running coordinator.
 
@@ -63,20 +97,25 @@ class OutputWriter:
         self.failing: str | None = None  # the last write's error, until one succeeds
         self._said: str | None = None  # what news() last reported
 
-    def queue(self, trainer: Trainer, *, step: int, epoch: int, images_seen: int, run_id: int) -> None:
-        fut = self._train.submit(self._write, trainer, step, epoch, images_seen, run_id)
+    def queue(self, trainer: Trainer, *, step: int, epoch: int, images_seen: int, run_id: int,
+              card_info: Mapping[str, Any] | None = None) -> None:
+        fut = self._train.submit(self._write, trainer, step, epoch, images_seen, run_id, dict(card_info or {}))
         self._pending = [f for f in self._pending if not f.done()] + [fut]
 
-    def _write(self, trainer: Trainer, step: int, epoch: int, images_seen: int, run_id: int) -> None:
+    def _write(self, trainer: Trainer, step: int, epoch: int, images_seen: int, run_id: int,
+               card_info: dict[str, Any]) -> None:
         try:
             ckpt = write_checkpoint(trainer, self.out, step=step, epoch=epoch, images_seen=images_seen,
                                     extra={"run_id": int(run_id)})
             grid = write_sample_grid(trainer, self.out, step=step)
+            card_info.update(step=step, epoch=epoch, images_seen=images_seen, sample_name=grid.name,
+                             has_metrics=(self.out / "metrics.png").is_file())
+            write_generator(trainer, self.out, card_info)
         except OSError as exc:
             self.failing = f"{type(exc).__name__}: {exc}"
             raise
         self.failing = None
-        log.info("wrote %s and %s", ckpt, grid)
+        log.info("wrote %s, %s and %s/", ckpt, grid, self.out / GENERATOR_DIR)
 
     def news(self) -> str | None:
         """What changed since last asked: writing started failing, or works again."""

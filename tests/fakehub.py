@@ -3,7 +3,8 @@ tests/acceptance/test_hub_cluster.py.
 
 The fake serves the routes huggingface_hub 2.4.0 uses: HEAD/GET ``/{repo}/resolve/{rev}/{path}``
 (with Range), ``/api/repos/create``, ``/api/validate-yaml``, ``/api/models/{repo}/preupload/{rev}``
-(every file "regular", so no LFS/Xet) and ``/api/models/{repo}/commit/{rev}`` (ndjson).
+(every file "regular", so no LFS/Xet) and ``/api/models/{repo}/commit/{rev}`` (ndjson); committed
+files are served by ``resolve`` afterwards, as on the Hub.
 """
 
 from __future__ import annotations
@@ -165,9 +166,11 @@ class FakeHub:
                     if self._forced("commit"):
                         return
                     items = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+                    repo_id = path[len("/api/models/"):].split("/commit/")[0]
                     with hubself.lock:
                         hubself.commits.append(items)
-                    repo_id = path[len("/api/models/"):].split("/commit/")[0]
+                        for name, content in _committed(items).items():  # served by resolve from now on
+                            hubself.files[(repo_id, name)] = content
                     oid = hashlib.sha1(body).hexdigest()
                     self._json(200, {"commitUrl": f"{hubself.url}/{repo_id}/commit/{oid}", "commitOid": oid})
                 else:

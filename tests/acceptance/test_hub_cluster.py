@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,16 +61,31 @@ def test_worker_trains_on_hf_data_and_coordinator_pushes(migrated_url: str, synt
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
         assert _stop(worker) == 0
-    assert fake_hub.count("resolve", "GET") == downloads + 1
+    data_gets = [r for r in fake_hub.of("resolve") if r["method"] == "GET" and r["path"].endswith("/data/faces.zip")]
+    assert len(data_gets) == downloads + 1, "the worker downloaded the data once"
     events = asyncio.run(_fetch(migrated_url, "SELECT message FROM events WHERE kind = 'hub'"))
     assert any("pushed step 2" in e["message"] for e in events), events
     assert len(fake_hub.commits) >= 1
     files: dict[str, bytes] = {}
     for commit in fake_hub.commits:
         files.update(_committed(commit))
-    assert {"checkpoint_latest.pth", "README.md", "metrics.png", "samples/latest.png"} <= set(files)
+    assert {"config.json", "model.safetensors", "README.md", "checkpoint_latest.pth", "metrics.png",
+            "samples/latest.png"} <= set(files)
     card = files["README.md"].decode()
-    assert "teacher/class-dcgan" in card and "hf_hub_download" in card
+    assert 'Generator.from_pretrained("teacher/class-dcgan")' in card
+    for name in ("config.json", "model.safetensors", "README.md"):  # the folder is the repo, after the final push
+        assert files[name] == (out / "generator" / name).read_bytes(), name
+    # A user loads the class's model from the Hub (here the fake one) as the card says.
+    load = subprocess.run(
+        [sys.executable, "-c",
+         "import torch; from ganns_async.model import Generator; "
+         "g = Generator.from_pretrained('teacher/class-dcgan'); "
+         "c = torch.load(r'%s', map_location='cpu'); "
+         "print(all(torch.equal(v, c['generator_state_dict'][k]) for k, v in g.state_dict().items()))"
+         % (out / "checkpoint_latest.pth")],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, **hub_env, "HF_ENDPOINT": fake_hub.url, "HF_HOME": str(tmp_path / "user_hf")})
+    assert load.returncode == 0 and load.stdout.strip().endswith("True"), load.stdout + load.stderr
     assert all(b"hf_test_SECRET_token" not in content for content in files.values())
     assert "hf_test_SECRET_token" not in r.stdout + r.stderr
     assert "hf_test_SECRET_token" not in (tmp_path / "w.log").read_text()

@@ -210,9 +210,23 @@ INFO = {
 }
 
 
+def _generator_dir(out: Path, info: dict[str, Any] = INFO, repo_id: str = "owner/model") -> Path:
+    """What the coordinator writes at a checkpoint: config.json, model.safetensors, README.md."""
+    from ganns_async.model_card import render_card
+
+    folder = out / "generator"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"feature_maps": 64, "latent_dim": 100, "num_channels": 3}')
+    (folder / "model.safetensors").write_bytes(b"safetensors bytes " * 100)
+    (folder / "README.md").write_text(render_card({**info, "repo_id": repo_id, "sample_name": "step_000010.png",
+                                                   "has_metrics": True}))
+    return folder
+
+
 def _run_dir(tmp_path: Path) -> Path:
     out = tmp_path / "run"
     (out / "samples").mkdir(parents=True)
+    _generator_dir(out)
     (out / "checkpoint_latest.pth").write_bytes(bytes(range(256)) * 50 + b"\xff\xfe ckpt")
     (out / "samples" / "step_000005.png").write_bytes(b"\x89PNG old grid")
     (out / "samples" / "step_000010.png").write_bytes(b"\x89PNG newest grid")
@@ -234,19 +248,21 @@ def test_push_one_commit_with_card(fake_hub: FakeHub, tmp_path: Path, caplog: py
 
     assert len(fake_hub.commits) == 1
     files = _committed(fake_hub.commits[0])
-    assert set(files) == {"checkpoint_latest.pth", "samples/latest.png", "samples/step_000010.png",
-                          "metrics.png", "README.md"}
+    assert set(files) == {"config.json", "model.safetensors", "README.md", "checkpoint_latest.pth",
+                          "samples/latest.png", "samples/step_000010.png", "metrics.png"}
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert files[name] == (out / "generator" / name).read_bytes(), name  # the folder is the repo
     assert files["checkpoint_latest.pth"] == (out / "checkpoint_latest.pth").read_bytes()
     assert files["samples/latest.png"] == files["samples/step_000010.png"] == b"\x89PNG newest grid"
     assert files["metrics.png"] == b"\x89PNG curves"
 
     readme = files["README.md"].decode()
-    assert readme.startswith("---\nlicense: mit\n")
-    for text in ("| Optimizer step | 10 |", "| Epoch | 3 |", "| Images seen | 12,345 |",
-                 "| Contributing workers | 7 |", "0.1234", 'repo_id="owner/model"',
-                 'filename="checkpoint_latest.pth"', "(samples/latest.png)", "samples/step_000010.png",
-                 "(metrics.png)", "3,576,704", "2,765,568", "| Effective batch size | 128"):
+    for text in ("| Round (optimizer step) | 10 |", "| Epoch | 3 |", "| Images seen | 12,345 |",
+                 "| Contributing workers | 7 |", "0.1234", 'Generator.from_pretrained("owner/model")',
+                 "(samples/latest.png)", "samples/step_000010.png", "(metrics.png)", "3,576,704", "2,765,568",
+                 "| Batch | 128 (2 units x 64 images) |"):
         assert text in readme, text
+    assert fake_hub.of("commit")[0]["path"].endswith("/commit/main")
 
     create = fake_hub.of("create")
     assert len(create) == 1
@@ -262,28 +278,58 @@ def test_push_one_commit_with_card(fake_hub: FakeHub, tmp_path: Path, caplog: py
     assert TOKEN not in caplog.text
     captured = capfd.readouterr()
     assert TOKEN not in captured.out and TOKEN not in captured.err
-    assert not list(out.rglob("*README*")), "the card is uploaded, not written into the run folder"
     assert fake_hub.count("unknown") == 0
 
-    # a second push makes a second commit without creating the repo again
+    # a second push makes a second commit without creating the repo again, and without the
+    # training checkpoint when not asked for
     (out / "samples" / "step_000020.png").write_bytes(b"\x89PNG step 20")
-    pusher.push(out, {**INFO, "step": 20, "swd": None})
+    _generator_dir(out, {**INFO, "step": 20, "swd": None})
+    pusher.push(out, {**INFO, "step": 20, "swd": None}, checkpoint=False)
     assert len(fake_hub.of("create")) == 1
     files2 = _committed(fake_hub.commits[1])
+    assert "checkpoint_latest.pth" not in files2
     assert files2["samples/latest.png"] == b"\x89PNG step 20"
     assert "samples/step_000020.png" in files2
     assert "not recorded" in files2["README.md"].decode()
 
 
+def test_push_keeps_the_prose_of_a_card_edited_on_the_hub(fake_hub: FakeHub, tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    out = _run_dir(tmp_path)
+    pusher = hub.HubPusher("owner/model", token=TOKEN, endpoint=fake_hub.url)
+    pusher.push(out, INFO)
+    # Someone edits the card on the Hub: new prose, a changed heading, their own tag and licence.
+    edited = fake_hub.files[("owner/model", "README.md")].decode()
+    edited = edited.replace("## Model description", "## About our class\n\nTrained by room 101 in one afternoon.")
+    edited = edited.replace("license: mit", "license: apache-2.0\nlanguage: en").replace("tags:\n", "tags:\n- room-101\n")
+    fake_hub.files[("owner/model", "README.md")] = edited.encode()
+
+    later = {**INFO, "step": 20, "swd": 0.0421, "images_seen": 99999}
+    _generator_dir(out, later)  # the next checkpoint's card
+    pusher.push(out, later, checkpoint=False)
+    pushed = _committed(fake_hub.commits[-1])["README.md"].decode()
+    assert "## About our class\n\nTrained by room 101 in one afternoon." in pushed
+    assert "## Model description" not in pushed
+    assert "| Round (optimizer step) | 20 |" in pushed and "| Images seen | 99,999 |" in pushed
+    assert "| Round (optimizer step) | 10 |" not in pushed
+    meta = ModelCard(pushed).data
+    assert meta.license == "apache-2.0" and meta.language == "en"
+    assert "room-101" in meta.tags and "dcgan" in meta.tags
+    assert meta.eval_results[0].metric_value == pytest.approx(0.0421)
+    assert meta.library_name == "ganns-async" and meta.pipeline_tag == "unconditional-image-generation"
+    # the folder is the repository's exact content again
+    assert (out / "generator" / "README.md").read_text() == pushed
+
+
 def test_push_private_and_minimal_run(fake_hub: FakeHub, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    out.mkdir()
+    _generator_dir(out)
     (out / "checkpoint_latest.pth").write_bytes(b"ckpt")
     hub.HubPusher("owner/model", private=True, token=TOKEN, endpoint=fake_hub.url).push(out, INFO)
     assert json.loads(fake_hub.of("create")[0]["body"])["visibility"] == "private"
     files = _committed(fake_hub.commits[0])
-    assert set(files) == {"checkpoint_latest.pth", "README.md"}
-    assert "samples/latest.png" not in files["README.md"].decode()
+    assert set(files) == {"config.json", "model.safetensors", "checkpoint_latest.pth", "README.md"}
 
 
 def test_push_token_from_env(fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -345,7 +391,10 @@ def test_push_timeout(fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_push_nothing_to_push(tmp_path: Path) -> None:
-    with pytest.raises(hub.PushError, match="does not exist"):
+    with pytest.raises(hub.PushError, match="generator/config.json does not exist yet"):
+        hub.HubPusher("owner/model", token=TOKEN, endpoint="http://127.0.0.1:9").push(tmp_path, INFO)
+    _generator_dir(tmp_path)
+    with pytest.raises(hub.PushError, match="checkpoint_latest.pth does not exist yet"):
         hub.HubPusher("owner/model", token=TOKEN, endpoint="http://127.0.0.1:9").push(tmp_path, INFO)
 
 
@@ -358,15 +407,3 @@ def test_bad_repo_id_is_a_user_error() -> None:
 def test_push_backoff() -> None:
     assert hub.push_backoff(0) == 0
     assert [hub.push_backoff(n) for n in (1, 2, 3, 4, 5, 6, 7, 50)] == [30, 60, 120, 240, 480, 600, 600, 600]
-
-
-def test_model_card_front_matter_parses() -> None:
-    import yaml
-
-    card = hub.build_model_card({**INFO, "repo_id": "a/b", "sample_name": None, "has_metrics": False})
-    front = card.split("---\n")[1]
-    meta = yaml.safe_load(front)
-    assert meta["license"] == "mit"
-    assert {"pytorch", "gan", "dcgan", "celeba", "distributed-training"} <= set(meta["tags"])
-    assert meta["pipeline_tag"]
-    assert "(metrics.png)" not in card and "samples/latest.png" not in card
