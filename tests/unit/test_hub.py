@@ -407,3 +407,39 @@ def test_bad_repo_id_is_a_user_error() -> None:
 def test_push_backoff() -> None:
     assert hub.push_backoff(0) == 0
     assert [hub.push_backoff(n) for n in (1, 2, 3, 4, 5, 6, 7, 50)] == [30, 60, 120, 240, 480, 600, 600, 600]
+
+
+def test_publisher_sends_the_training_checkpoint_rarely(fake_hub: FakeHub, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """First push, then every --hf-checkpoint-every steps, and the final push carry the checkpoint."""
+    import asyncio
+
+    from ganns_async.hub_publisher import HubPublisher
+
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    out = _run_dir(tmp_path)
+    events: list[str] = []
+
+    async def event(msg: str) -> None:
+        events.append(msg)
+
+    async def written() -> None:
+        return None
+
+    async def run() -> None:
+        pub = HubPublisher("owner/model", private=False, out=out, checkpoint_every=3, event=event,
+                           outputs_written=written)
+        try:
+            for step in range(1, 6):
+                _generator_dir(out, {**INFO, "step": step})
+                pub.maybe_push({**INFO, "step": step})
+                await pub.wait()
+            await pub.final_push({**INFO, "step": 5})
+        finally:
+            pub.close()
+
+    asyncio.run(run())
+    with_ckpt = ["checkpoint_latest.pth" in _committed(c) for c in fake_hub.commits]
+    assert with_ckpt == [True, False, False, True, False, True], (with_ckpt, events)  # steps 1 2 3 4 5, final
+    assert sum("with the training checkpoint" in e for e in events) == 3
