@@ -132,6 +132,8 @@ def _run_cluster(opts: DemoOptions, url: str, started: float, *, logins: bool = 
     samples = sorted((opts.out / "samples").glob("step_*.png"))
     _say(f"done in {time.monotonic() - started:.0f}s")
     _say(f"checkpoint:   {ckpt.resolve()}")
+    if (opts.out / "generator" / "config.json").exists():
+        _say(f"model:        {(opts.out / 'generator').resolve()} (Generator.from_pretrained(...) loads it)")
     if samples:
         _say(f"sample grids: {samples[-1].parent.resolve()} (latest: {samples[-1].name})")
     if (opts.out / "metrics.png").exists():
