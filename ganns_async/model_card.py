@@ -81,7 +81,7 @@ def card_data(info: Mapping[str, Any]) -> Any:
     if swd is not None:
         evals = [EvalResult(task_type="unconditional-image-generation", task_name="Unconditional image generation",
                             dataset_type="celeba", dataset_name="CelebA (64x64)", metric_type="swd",
-                            metric_name="Sliced Wasserstein distance (lower is better)", metric_value=swd,
+                            metric_name="SWD x1e3 (sliced Wasserstein distance, lower is better)", metric_value=swd,
                             verified=False)]
     return ModelCardData(
         license="mit",
@@ -129,7 +129,7 @@ def render_card(info: Mapping[str, Any]) -> str:
         epoch=_fmt_int(info.get("epoch")),
         images_seen=_fmt_int(info.get("images_seen")),
         workers=_workers_count(info.get("workers")),
-        swd=f"{swd:.4f}" if swd is not None else "not recorded yet",
+        swd=f"{swd:.1f}" if swd is not None else "not recorded yet",
         ema=(_finite(cfg.get("g_ema")) or 0.0) > 0,
         update_rule=update_rule,
         batch=batch,

@@ -204,7 +204,7 @@ INFO = {
     "epoch": 3,
     "images_seen": 12345,
     "workers": 7,
-    "swd": 0.1234,
+    "swd": 123.4,
     "config": {"unit_size": 64, "units_per_step": 2, "max_staleness": 1, "lr": 2e-4, "beta1": 0.5,
                "beta2": 0.999, "seed": 0},
 }
@@ -258,7 +258,7 @@ def test_push_one_commit_with_card(fake_hub: FakeHub, tmp_path: Path, caplog: py
 
     readme = files["README.md"].decode()
     for text in ("| Round (optimizer step) | 10 |", "| Epoch | 3 |", "| Images seen | 12,345 |",
-                 "| Contributing workers | 7 |", "0.1234", 'Generator.from_pretrained("owner/model")',
+                 "| Contributing workers | 7 |", "| 123.4 |", 'Generator.from_pretrained("owner/model")',
                  "(samples/latest.png)", "samples/step_000010.png", "(metrics.png)", "3,576,704", "2,765,568",
                  "| Batch | 128 (2 units x 64 images) |"):
         assert text in readme, text
@@ -305,7 +305,7 @@ def test_push_keeps_the_prose_of_a_card_edited_on_the_hub(fake_hub: FakeHub, tmp
     edited = edited.replace("license: mit", "license: apache-2.0\nlanguage: en").replace("tags:\n", "tags:\n- room-101\n")
     fake_hub.files[("owner/model", "README.md")] = edited.encode()
 
-    later = {**INFO, "step": 20, "swd": 0.0421, "images_seen": 99999}
+    later = {**INFO, "step": 20, "swd": 42.1, "images_seen": 99999}
     _generator_dir(out, later)  # the next checkpoint's card
     pusher.push(out, later, checkpoint=False)
     pushed = _committed(fake_hub.commits[-1])["README.md"].decode()
@@ -316,7 +316,7 @@ def test_push_keeps_the_prose_of_a_card_edited_on_the_hub(fake_hub: FakeHub, tmp
     meta = ModelCard(pushed).data
     assert meta.license == "apache-2.0" and meta.language == "en"
     assert "room-101" in meta.tags and "dcgan" in meta.tags
-    assert meta.eval_results[0].metric_value == pytest.approx(0.0421)
+    assert meta.eval_results[0].metric_value == pytest.approx(42.1)
     assert meta.library_name == "ganns-async" and meta.pipeline_tag == "unconditional-image-generation"
     # the folder is the repository's exact content again
     assert (out / "generator" / "README.md").read_text() == pushed

@@ -19,7 +19,7 @@ from ganns_async.outputs import write_generator
 from ganns_async.training import Trainer, TrainConfig
 
 INFO: dict[str, Any] = {
-    "step": 40, "epoch": 2, "images_seen": 40960, "workers": 12, "swd": 0.0731, "repo_id": "room101/faces",
+    "step": 40, "epoch": 2, "images_seen": 40960, "workers": 12, "swd": 73.14, "repo_id": "room101/faces",
     "sample_name": "step_000040.png", "has_metrics": True,
     "config": {"unit_size": 32, "units_per_step": 0, "local_steps": 32, "outer_lr": 1.0, "outer_momentum": 0.0,
                "max_staleness": 0, "lr": 2e-4, "beta1": 0.5, "beta2": 0.999, "seed": 7, "g_ema": 0.999},
@@ -34,7 +34,7 @@ def test_metadata_is_what_the_hub_reads() -> None:
     assert data.datasets == ["celeba"]
     assert {"pytorch", "gan", "dcgan", "celeba", "distributed-training", "model_hub_mixin"} <= set(data.tags)
     (result,) = data.eval_results
-    assert result.metric_type == "swd" and result.metric_value == pytest.approx(0.0731)
+    assert result.metric_type == "swd" and result.metric_value == pytest.approx(73.14)
     assert result.task_type == "unconditional-image-generation" and result.dataset_type == "celeba"
     assert data.model_name == "faces"
 
@@ -49,7 +49,7 @@ def test_no_eval_result_without_a_finite_swd(swd: Any) -> None:
 def test_card_body_says_what_the_run_did() -> None:
     card = render_card(INFO)
     for text in ("| Round (optimizer step) | 40 |", "| Images seen | 40,960 |", "| Contributing workers | 12 |",
-                 "0.0731", "32 alternating D/G Adam steps", 'Generator.from_pretrained("room101/faces")',
+                 "| 73.1 |", "32 alternating D/G Adam steps", 'Generator.from_pretrained("room101/faces")',
                  "(samples/latest.png)", "samples/step_000040.png", "(metrics.png)", "moving average"):
         assert text in card, text
     bare = render_card({"step": None})  # nothing known: still a valid card, no images
@@ -68,7 +68,7 @@ def test_merge_keeps_prose_and_updates_figures() -> None:
     edited = (first.replace("## Intended use and limitations", "## Our class\n\nRoom 101, spring term.\n\n"
                             "## Intended use and limitations")
               .replace("license: mit", "license: cc-by-4.0").replace("tags:\n", "tags:\n- room-101\n"))
-    later = render_card({**INFO, "step": 80, "swd": 0.05, "sample_name": "step_000080.png"})
+    later = render_card({**INFO, "step": 80, "swd": 50.0, "sample_name": "step_000080.png"})
     merged = merge_card(edited, later)
     assert "## Our class\n\nRoom 101, spring term." in merged
     assert "| Round (optimizer step) | 80 |" in merged and "step_000080.png" in merged
@@ -76,7 +76,7 @@ def test_merge_keeps_prose_and_updates_figures() -> None:
     data = ModelCard(merged).data
     assert data.license == "cc-by-4.0", "keys we do not own stay as the editor wrote them"
     assert "room-101" in data.tags and "dcgan" in data.tags
-    assert data.eval_results[0].metric_value == pytest.approx(0.05)
+    assert data.eval_results[0].metric_value == pytest.approx(50.0)
     assert merge_card(merged, later) == merged, "merging again changes nothing"
 
 
