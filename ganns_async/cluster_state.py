@@ -8,13 +8,15 @@ times per second, plus a slow liveness refresh so "last seen" ages keep moving.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from ganns_async import codec
-from ganns_async.dashboard import ClusterSnapshot, EventLine, StepPoint, WorkerRow
+from ganns_async.dashboard import ClassResources, ClusterSnapshot, EventLine, GpuModel, StepPoint, WorkerRow
 from ganns_async.db import (
     CONNECTION_ERRORS,
     CONTROL_CHANNEL,
@@ -36,7 +38,7 @@ from ganns_async.training import (
 )
 from ganns_async.waiting import wait_event
 
-STALE_AFTER_S = 30.0  # three missed heartbeats
+STALE_AFTER_S = 30.0  # three missed heartbeats (also the window of ganns_view.class_resources)
 HISTORY_STEPS = 60
 EVENT_LINES = 30
 
@@ -48,6 +50,50 @@ def preview_image(g: Generator, seed: int, n: int = 16) -> np.ndarray:
     images = generate(g, sample_noise(seed, n))
     grid = make_grid((images + 1) / 2, nrow=int(n**0.5), padding=1, pad_value=0.0)
     return (grid.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()).copy()
+
+
+def class_resources(row: Mapping[str, Any] | None) -> ClassResources | None:
+    """The class's totals from ``view_class_resources``. The numbers are sums of values the
+    server bounded (sql/005_resources.sql); model names are typed by workers, so they pass
+    through ``printable`` like every other string that reaches the screen."""
+    if row is None:
+        return None
+    try:
+        models = json.loads(row["gpu_models"] or "[]")
+    except ValueError:
+        models = []
+    found = []
+    for m in models[:8] if isinstance(models, list) else []:
+        if not isinstance(m, dict) or not isinstance(m.get("count"), int) or m["count"] < 1:
+            continue
+        name = m.get("name")
+        gib = m.get("gib")
+        found.append(GpuModel(name=printable(name, 64) if isinstance(name, str) and name else None,
+                             memory_gib=gib if isinstance(gib, int) and gib > 0 else None, count=m["count"]))
+    workers = max(int(row["workers"] or 0), 0)
+    return ClassResources(
+        workers=workers, unreported=max(workers - int(row["reporting"] or 0), 0),
+        cpu_cores=max(int(row["cpu_cores"] or 0), 0), gpus=max(int(row["gpus"] or 0), 0),
+        gpu_memory_bytes=max(int(row["gpu_memory_bytes"] or 0), 0), gpu_models=tuple(found))
+
+
+def _worker_rows(rows: list[Any]) -> tuple[WorkerRow, ...]:
+    total_images = sum(int(r["images_done"]) for r in rows) or 1
+    workers = []
+    for r in rows:
+        state = r["state"]
+        if state != WorkerState.OFFLINE and r["last_seen_s"] > STALE_AFTER_S:
+            state = STALE
+        if r["quarantined"]:
+            state = QUARANTINED  # gets no more units: its results were refused or disagreed
+        alive = max(1e-6, float(r["alive_s"] or 0))
+        workers.append(WorkerRow(
+            name=printable(r["name"], 64), device=printable(r["device"], 32), state=state,
+            units_done=int(r["units_done"]),
+            images_done=int(r["images_done"]), images_per_s=float(r["images_done"]) / alive if alive > 1 else 0.0,
+            share=int(r["images_done"]) / total_images, last_seen_s=max(0.0, float(r["last_seen_s"])),
+        ))
+    return tuple(workers)
 
 
 async def read_snapshot(
@@ -65,34 +111,22 @@ async def read_snapshot(
     run = await db.fetchrow("view_run", run_id) if run_id is not None else await db.fetchrow("view_active_run")
     if run is None:
         run = await db.fetchrow("view_latest_run")
+    # The class's hardware: everyone online, whatever run they are on (students waiting for
+    # the first run too), so it is read before the run.
+    resources = class_resources(await db.fetchrow("view_class_resources"))
     if run is None:
+        # Before the first run: the students already waiting (the header counts them).
         return ClusterSnapshot(
             title=title, run_id=None, status="waiting for a run", step=0, max_steps=max_steps, epoch=0,
             epoch_fraction=0.0, images_per_s=0.0, effective_batch=0, since_last_step_s=None, eta_s=None,
-            db_ok=True, db_latency_ms=latency_ms, workers=(), history=(), events=(), sample=sample,
-            leaderboard=leaderboard,
+            db_ok=True, db_latency_ms=latency_ms, workers=_worker_rows(await db.fetch("dashboard_workers", None)),
+            history=(), events=(), sample=sample, leaderboard=leaderboard, resources=resources,
         )
     cfg = TrainConfig.from_json(run["config"])
     rid = run["id"]
-    workers_rows = await db.fetch("dashboard_workers", rid)
+    workers = _worker_rows(await db.fetch("dashboard_workers", rid))
     metrics = await db.fetch("recent_metrics", rid, HISTORY_STEPS)
     events = await db.fetch("recent_events", rid, EVENT_LINES)
-
-    total_images = sum(int(r["images_done"]) for r in workers_rows) or 1
-    workers = []
-    for r in workers_rows:
-        state = r["state"]
-        if state != WorkerState.OFFLINE and r["last_seen_s"] > STALE_AFTER_S:
-            state = STALE
-        if r["quarantined"]:
-            state = QUARANTINED  # gets no more units: its results were refused or disagreed
-        alive = max(1e-6, float(r["alive_s"] or 0))
-        workers.append(WorkerRow(
-            name=printable(r["name"], 64), device=printable(r["device"], 32), state=state,
-            units_done=int(r["units_done"]),
-            images_done=int(r["images_done"]), images_per_s=float(r["images_done"]) / alive if alive > 1 else 0.0,
-            share=int(r["images_done"]) / total_images, last_seen_s=max(0.0, float(r["last_seen_s"])),
-        ))
 
     steps = [m for m in metrics if m["step"] >= 1 and m["images"] > 0]
     rate = 0.0
@@ -120,7 +154,7 @@ async def read_snapshot(
                                 d_g_z=m["d_g_z"], swd=m["swd"]) for m in metrics),
         events=tuple(EventLine(age_s=float(e["age_s"]), kind=printable(e["kind"], 16),
                                message=printable(e["message"], 300)) for e in events),
-        sample=sample, leaderboard=leaderboard,
+        sample=sample, leaderboard=leaderboard, resources=resources,
     )
 
 
@@ -136,8 +170,11 @@ def plain_line(snap: ClusterSnapshot) -> str:
     """One greppable line per update, for `watch` when stdout is not a terminal."""
     workers = " ".join(f"{w.name}={w.state}/{w.images_done}" for w in snap.workers)
     total = f"/{snap.max_steps}" if snap.max_steps else ""
+    res = snap.resources
+    hardware = (f"online={res.workers} cores={res.cpu_cores} gpus={res.gpus} "
+                f"gpu_mem_gib={res.gpu_memory_bytes / 2**30:.0f} ") if res is not None else ""
     return (f"run={snap.run_id} status={snap.status} step={snap.step}{total} epoch={snap.epoch} "
-            f"img_per_s={snap.images_per_s:.1f} db={'ok' if snap.db_ok else 'down'} workers=[{workers}]")
+            f"img_per_s={snap.images_per_s:.1f} db={'ok' if snap.db_ok else 'down'} {hardware}workers=[{workers}]")
 
 
 def offline_snapshot(previous: ClusterSnapshot | None, title: str) -> ClusterSnapshot:

@@ -33,8 +33,10 @@ from rich.text import Text
 from ganns_async.states import QUARANTINED, STALE, WorkerState
 
 __all__ = [
+    "ClassResources",
     "ClusterSnapshot",
     "EventLine",
+    "GpuModel",
     "StepPoint",
     "WorkerRow",
     "WorkerSnapshot",
@@ -42,6 +44,7 @@ __all__ = [
     "half_block_image",
     "render_cluster",
     "render_worker",
+    "resources_line",
     "sparkline",
 ]
 
@@ -85,6 +88,28 @@ class EventLine:
 
 
 @dataclass(frozen=True)
+class GpuModel:
+    """GPUs of one kind in the class: "2x RTX 3060 12 GiB"."""
+
+    name: str | None  # as the driver names it; None when a worker did not say
+    memory_gib: int | None  # per GPU, in whole GiB; None when unknown
+    count: int
+
+
+@dataclass(frozen=True)
+class ClassResources:
+    """What the workers online bring, as totals (``ganns_view.class_resources``): viewers
+    never see one worker's hardware, only these sums."""
+
+    workers: int  # online: not offline, heard from within the last 30 s
+    unreported: int  # of them, workers that did not tell their hardware (older releases)
+    cpu_cores: int
+    gpus: int
+    gpu_memory_bytes: int
+    gpu_models: tuple[GpuModel, ...] = ()  # most common first; may list fewer GPUs than ``gpus``
+
+
+@dataclass(frozen=True)
 class ClusterSnapshot:
     """Everything the coordinator and watch views show, captured at one instant.
 
@@ -110,6 +135,7 @@ class ClusterSnapshot:
     events: tuple[EventLine, ...]  # newest first
     sample: np.ndarray | None = field(default=None, compare=False)  # H x W x 3 uint8
     leaderboard: bool = False  # watch view: show a contributions leaderboard
+    resources: ClassResources | None = None  # the class's hardware; None: not read (no line)
 
 
 @dataclass(frozen=True)
@@ -368,9 +394,94 @@ def _line(text: Text, width: int) -> Text:
     return text
 
 
+# --------------------------------------------------------------------------- class resources
+
+_KIB = 1024
+
+
+def _fmt_bytes(n: int) -> str:
+    """Memory in binary units, as PyTorch reports it: "54 GiB", "1.5 TiB" (a card sold as
+    "12 GB" has 12 GiB, less what the driver keeps)."""
+    if n >= _KIB**4:
+        return f"{n / _KIB**4:,.1f} TiB"
+    if n >= _KIB**3:
+        return f"{n / _KIB**3:,.0f} GiB"
+    return f"{max(n, 0) / _KIB**2:,.0f} MiB"
+
+
+def _gpu_label(model: GpuModel) -> str:
+    """ "2x RTX 3060 12 GiB": the vendor's brand words go, the projector is narrow."""
+    name = model.name or "GPU"
+    short = name.removeprefix("NVIDIA ").removeprefix("GeForce ").strip() or name
+    memory = f" {model.memory_gib:,} GiB" if model.memory_gib else ""
+    return f"{model.count:,}x {short}{memory}"
+
+
+def _models_text(res: ClassResources, shown: int) -> str:
+    labels = [_gpu_label(m) for m in res.gpu_models[:shown]]
+    rest = res.gpus - sum(m.count for m in res.gpu_models[:shown])
+    if rest > 0 and labels:
+        labels.append(f"+{rest:,} more")
+    return ", ".join(labels)
+
+
+def _resources_candidates(res: ClassResources) -> list[Text]:
+    """The line from most to least detailed: every GPU model and the unknown count, fewer
+    models, no models, then a compact form."""
+    bold = "bold"
+    workers = max(res.workers, 0)
+    if workers == 0:
+        return [Text("no workers online", style="grey50")]
+    head = Text.assemble((f"{workers:,}", bold), " workers online" if workers != 1 else " worker online")
+    if res.unreported >= workers:
+        return [Text.assemble(head, (" · hardware unknown", "grey50"))]
+
+    def full(models: int, note: bool) -> Text:
+        line = Text.assemble(head, " · ", (f"{max(res.cpu_cores, 0):,}", bold),
+                             " CPU core" if res.cpu_cores == 1 else " CPU cores", " · ")
+        if res.gpus <= 0:
+            line.append("no GPU")
+        else:
+            line.append_text(Text.assemble((f"{res.gpus:,}", bold), " GPU" if res.gpus == 1 else " GPUs"))
+            if res.gpu_memory_bytes > 0:
+                line.append_text(Text.assemble(", ", (_fmt_bytes(res.gpu_memory_bytes), bold), " GPU memory"))
+            if models:
+                line.append(f" ({_models_text(res, models)})")
+        if note and res.unreported > 0:
+            line.append_text(Text.assemble(" · ", (f"hardware unknown for {res.unreported:,}", "grey50")))
+        return line
+
+    n_models = len(res.gpu_models) if res.gpus > 0 else 0
+    out = [full(n_models, True)]
+    out += [full(k, False) for k in range(n_models, -1, -1)]
+    compact = Text.assemble((f"{workers:,}", bold), " online · ", (f"{max(res.cpu_cores, 0):,}", bold), " cores")
+    if res.gpus > 0:
+        compact.append_text(Text.assemble(" · ", (f"{res.gpus:,}", bold), " GPU" if res.gpus == 1 else " GPUs"))
+        if res.gpu_memory_bytes > 0:
+            compact.append_text(Text.assemble(" · ", (_fmt_bytes(res.gpu_memory_bytes), bold)))
+    out.append(compact)
+    return out
+
+
+def resources_line(res: ClassResources, width: int) -> Text:
+    """One line on what the class brings, as detailed as ``width`` cells allow:
+
+        23 workers online · 146 CPU cores · 4 GPUs, 54 GiB GPU memory (2x Tesla T4 15 GiB, 2x RTX 3060 12 GiB)
+
+    GPU models go first when short of room (the last ones become "+N more"), then the
+    words ("23 online · 146 cores · 4 GPUs · 54 GiB"), and what is still too long is cut
+    with an ellipsis. Model names come from the workers: they are ``Text``, never markup.
+    """
+    candidates = _resources_candidates(res)
+    for line in candidates:
+        if line.cell_len <= width:
+            return _line(line, width)
+    return _line(candidates[-1], width)
+
+
 # --------------------------------------------------------------------------- cluster view
 
-_HEADER_H = 4  # border, step line, epoch line, border
+_HEADER_H = 4  # border, step line, epoch line, border (and the class's resources when known)
 _SAMPLE_MIN_ROWS = 6  # below 12 pixels tall a grid of faces is only noise
 _EVENTS_WANTED = 6  # event lines shown before the sample may take the spare height
 _SERIES_MIN = 2  # G and D loss survive every squeeze
@@ -470,7 +581,11 @@ def _plan_cluster(snap: ClusterSnapshot, width: int, height: int, sample_stacked
     )
 
 
-def _cluster_header(snap: ClusterSnapshot) -> Panel:
+def _header_height(snap: ClusterSnapshot) -> int:
+    return _HEADER_H + (1 if snap.resources is not None else 0)
+
+
+def _cluster_header(snap: ClusterSnapshot, width: int) -> Panel:
     title = Text.assemble((f"ganns-async {snap.title}", "bold"), " · ")
     title.append(f"run {snap.run_id}" if snap.run_id is not None else "no run")
     title.append(" · ")
@@ -512,13 +627,16 @@ def _cluster_header(snap: ClusterSnapshot) -> Panel:
         Text.assemble("step ", (f"{snap.effective_batch:,}", "bold"), " img"),
         Text.assemble("last step ", (format_duration(snap.since_last_step_s), "bold"), " ago"),
     )
+    body: RenderableType = grid
+    if snap.resources is not None:
+        body = Group(grid, resources_line(snap.resources, width - 4))
     return Panel(
-        grid,
+        body,
         title=title,
         title_align="left",
         subtitle=db,
         subtitle_align="right",
-        height=_HEADER_H,
+        height=_header_height(snap),
         border_style="bright_blue",
     )
 
@@ -539,9 +657,13 @@ def _sorted_workers(snap: ClusterSnapshot) -> list[tuple[int | None, WorkerRow]]
 
 def _workers_panel(snap: ClusterSnapshot, width: int, rows: int) -> Panel:
     inner = width - 4
-    online = sum(1 for w in snap.workers if w.state != WorkerState.OFFLINE)
-    offline = len(snap.workers) - online
+    # Online as the resources line counts it: a stale worker (silent too long) is not.
+    stale = sum(1 for w in snap.workers if w.state == STALE)
+    offline = sum(1 for w in snap.workers if w.state == WorkerState.OFFLINE)
+    online = len(snap.workers) - stale - offline
     title = Text(f"workers · {online} online")
+    if stale:
+        title.append(f" · {stale} stale", "yellow")
     if offline:
         title.append(f" · {offline} offline", "grey50")
 
@@ -658,12 +780,14 @@ def _cluster_stack(snap: ClusterSnapshot, width: int, height: int, sample_stacke
 def render_cluster(snap: ClusterSnapshot, width: int = 100, height: int = 30) -> RenderableType:
     """The coordinator / projector view of the whole class, fitted to ``width`` x ``height``.
 
-    Narrow terminals stack header, workers, training, sample and events, dropping the
-    sample first when short of lines.  From 140 columns the sample gets its own column to
-    the right of the tables, as tall as the body, so it no longer competes for lines.
+    The header holds the step, the epoch and, when the snapshot has them, the resources of
+    the class (one line: workers online, CPU cores, GPUs).  Narrow terminals stack header,
+    workers, training, sample and events, dropping the sample first when short of lines.
+    From 140 columns the sample gets its own column to the right of the tables, as tall as
+    the body, so it no longer competes for lines.
     """
-    header = _cluster_header(snap)
-    body_h = height - _HEADER_H
+    header = _cluster_header(snap, width)
+    body_h = height - _header_height(snap)
     if width >= _WIDE and snap.sample is not None and body_h - 2 >= _SAMPLE_MIN_ROWS:
         h, w = np.asarray(snap.sample).shape[:2]
         tw, _ = _fit_size(w, h, width - _LEFT_MIN - 4, body_h - 2) if h and w else (0, 0)

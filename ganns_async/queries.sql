@@ -372,3 +372,15 @@ SELECT * FROM workers WHERE run_id = $1 ORDER BY id;
 -- name: add_login
 -- Needs CREATEROLE: see sql/003_roles.sql (ganns_admin.add_login).
 SELECT ganns_admin.add_login($1, $2, $3);
+
+-- ---- class resources (sql/005_resources.sql) -----------------------------------------
+-- Workers tell their hardware when they register; dashboards read class-wide totals only.
+-- (api_register above is the previous release's call: still served, hardware unknown.)
+
+-- name: api_register_resources
+SELECT * FROM ganns_api.register($1, $2, $3, $4, $5, $6, $7, $8, $9);
+
+-- name: view_class_resources
+-- Totals over the workers online now (not offline, heard from in the last 30 s).
+SELECT workers, reporting, cpu_cores, gpus, gpu_memory_bytes, gpu_models::text AS gpu_models
+  FROM ganns_view.class_resources();

@@ -12,11 +12,14 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ganns_async.db import SHORT_TIMEOUT_S, Database, Tx
 from ganns_async.steps import Round
 from ganns_async.terminal import printable
+
+if TYPE_CHECKING:  # hardware imports torch; the coordinator's store needs none of it
+    from ganns_async.hardware import Resources
 
 
 @dataclass(frozen=True)
@@ -302,10 +305,14 @@ class WorkerStore:
         return RunRow.of(row) if row else None
 
     async def register(self, label: str, hostname: str, device: str, cpu: str | None,
-                       gpu: str | None) -> tuple[int, str]:
+                       gpu: str | None, resources: Resources | None = None) -> tuple[int, str]:
         """A worker row for this login: ``(id, name)``. A student's worker is named after the
-        login (plus ``label``), whatever it asked for."""
-        r = await self.db.fetchrow("api_register", label, hostname, device, cpu, gpu)
+        login (plus ``label``), whatever it asked for. ``resources`` are the numbers the
+        projector adds up; the server keeps only values within its ranges (sql/005_resources.sql)."""
+        r = await self.db.fetchrow(
+            "api_register_resources", label, hostname, device, cpu, gpu,
+            resources.cpu_cores if resources else None, resources.gpu_count if resources else None,
+            resources.gpu_memory_bytes if resources else None, resources.gpu_name if resources else None)
         assert r is not None
         return int(r["worker_id"]), str(r["worker_name"])
 

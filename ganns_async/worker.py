@@ -39,7 +39,7 @@ from ganns_async.db import (
     Listener,
 )
 from ganns_async.errors import UserError
-from ganns_async.hardware import cpu_info, gpu_info, pick_device
+from ganns_async.hardware import cpu_info, gpu_info, pick_device, resources
 from ganns_async.migrate import require_migrated
 from ganns_async.model import build_models
 from ganns_async.retry import Backoff, SideTasks, describe_error
@@ -187,8 +187,10 @@ class Worker:
         self.store = WorkerStore(self.db)
         try:
             await require_migrated(self.db)
+            # The device is initialized by now (the models are on it): its facts cost nothing.
             self.worker_id, bound_name = await self.store.register(
-                self.status.name, socket.gethostname(), str(self.device), cpu_info(), gpu_info(self.device))
+                self.status.name, socket.gethostname(), str(self.device), cpu_info(), gpu_info(self.device),
+                resources(self.device))
             # A student's worker is named after its login by the server, whatever --name said.
             self._publish_status(device=str(self.device), name=bound_name)
             log.info("worker %s (#%s) on %s joined; dataset %d images (%s)", self.status.name,
