@@ -140,10 +140,31 @@ def _run_async(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     return asyncio.run(main())
 
 
+def package_version() -> str:
+    """The installed distribution's version; ``ganns_async.__version__`` when running from a
+    source checkout that was never installed (no metadata to read)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ganns-async")
+    except PackageNotFoundError:
+        from ganns_async import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ganns-async {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", envvar="GANNS_DEBUG", help="Show tracebacks for errors."),
     log_level: str = typer.Option("INFO", "--log-level", envvar="GANNS_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR."),
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, expose_value=False,
+                                  help="Print the version and exit."),
 ) -> None:
     _state["debug"] = debug
     _setup_logging("DEBUG" if debug else log_level)
