@@ -16,7 +16,7 @@ import typer
 from ganns_async.errors import UserError
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     rich_markup_mode=None,
     help=(
@@ -51,6 +51,13 @@ LOCAL_STEPS_HELP = ("Inner steps per unit. 1: exact mode, a unit is one gradient
                     "unit-size images and moves about H times fewer bytes per image.")
 OUTER_LR_HELP = "Local mode: outer step size on the averaged change (1 with momentum 0 is FedAvg; DiLoCo: 0.7)."
 OUTER_MOMENTUM_HELP = "Local mode: outer Nesterov momentum (0 is FedAvg; DiLoCo: 0.9)."
+
+
+def _words(*words: str) -> Callable[[str], list[str]]:
+    """Shell completion for an option that takes one of a few words (``--install-completion``
+    sets it up). Completion runs this module without running a command, so it stays as
+    light as ``--help``: nothing heavy is imported here."""
+    return lambda incomplete: [w for w in words if w.startswith(incomplete)]
 
 
 def _units_per_step(value: str) -> int:
@@ -162,7 +169,8 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", envvar="GANNS_DEBUG", help="Show tracebacks for errors."),
-    log_level: str = typer.Option("INFO", "--log-level", envvar="GANNS_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR."),
+    log_level: str = typer.Option("INFO", "--log-level", envvar="GANNS_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.",
+                                  autocompletion=_words("DEBUG", "INFO", "WARNING", "ERROR")),
     _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, expose_value=False,
                                   help="Print the version and exit."),
 ) -> None:
@@ -178,7 +186,8 @@ def worker(
     db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP),
     data: str = typer.Option(..., "--data", envvar="GANNS_DATA", help=DATA_HELP + " (the same one the coordinator uses)"),
     name: Optional[str] = typer.Option(None, "--name", envvar="GANNS_NAME", help="Shown on the dashboard [default: user@host]."),
-    device: str = typer.Option("auto", "--device", envvar="GANNS_DEVICE", help="auto, cpu, cuda or mps."),
+    device: str = typer.Option("auto", "--device", envvar="GANNS_DEVICE", help="auto, cpu, cuda or mps.",
+                                autocompletion=_words("auto", "cpu", "cuda", "mps")),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", envvar="GANNS_BATCH_SIZE", min=1,
                                              help="Largest batch per forward pass; a unit is split into micro-batches "
                                                   "of this size on small GPUs [default: whole unit]."),
@@ -257,6 +266,7 @@ def coordinator(
     checkpoint_every: int = typer.Option(10, "--checkpoint-every", envvar="GANNS_CHECKPOINT_EVERY", min=1,
                                          help="Write checkpoint_latest.pth and a sample grid every N steps."),
     grad_dtype: str = typer.Option("bf16", "--grad-dtype", envvar="GANNS_GRAD_DTYPE",
+                                   autocompletion=_words("bf16", "fp32"),
                                    help="What units send back (gradients, or changes in local mode): bf16 (10 MB "
                                         "a unit, 2.4x less than fp32; learned as well as fp32 in the demo) or fp32 "
                                         "(exact: a --max-staleness 0 run then equals train-local)."),
@@ -401,7 +411,7 @@ def watch(
 
 @app.command()
 def control(
-    action: str = typer.Argument(..., help="pause, resume or stop"),
+    action: str = typer.Argument(..., help="pause, resume or stop", autocompletion=_words("pause", "resume", "stop")),
     db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP),
     run: Optional[int] = typer.Option(None, "--run", envvar="GANNS_RUN", help="Run id [default: the active one]."),
 ) -> None:
@@ -454,6 +464,7 @@ def train_local_cmd(
     outer_momentum: float = typer.Option(0.0, "--outer-momentum", envvar="GANNS_OUTER_MOMENTUM",
                                          help=OUTER_MOMENTUM_HELP),
     grad_dtype: str = typer.Option("fp32", "--grad-dtype", envvar="GANNS_GRAD_DTYPE",
+                                   autocompletion=_words("bf16", "fp32"),
                                    help="Simulate the wire: bf16 rounds what units send back (and, in local mode, "
                                         "the weights they get) as a distributed run's default does; fp32 is exact."),
     lr: float = typer.Option(2e-4, "--lr", envvar="GANNS_LR", help="Adam learning rate (both networks)."),
@@ -636,8 +647,9 @@ def db_add_student(
 @db_app.command("add-login")
 def db_add_login(
     name: str = typer.Argument(..., help="The login: 1-40 of a-z, 0-9 and _."),
-    role: str = typer.Option("student", "--role", help="student (runs workers), instructor (runs the coordinator, "
-                                                       "control) or viewer (watch only)."),
+    role: str = typer.Option("student", "--role", autocompletion=_words("student", "instructor", "viewer"),
+                             help="student (runs workers), instructor (runs the coordinator, control) or "
+                                  "viewer (watch only)."),
     db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP + " (a user with CREATEROLE)"),
     password: Optional[str] = typer.Option(None, "--password", help="[default: a random one, printed in the URL]"),
 ) -> None:

@@ -59,3 +59,10 @@ def test_version_without_package_metadata(monkeypatch: pytest.MonkeyPatch) -> No
 def test_dunder_version_matches_pyproject() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert __version__ == project["version"]
+
+
+def test_show_completion_prints_the_script_for_this_program() -> None:
+    """The script the shell sources: it calls ganns-async back with _GANNS_ASYNC_COMPLETE."""
+    r = invoke("--show-completion", "bash")
+    assert r.exit_code == 0, r.output
+    assert "_GANNS_ASYNC_COMPLETE=complete_bash" in r.stdout and "complete " in r.stdout
