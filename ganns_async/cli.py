@@ -33,7 +33,27 @@ app.add_typer(data_app, name="data")
 
 _state = {"debug": False}
 
-DB_HELP = "PostgreSQL URL, e.g. postgresql://user:pass@host:5432/ganns"
+# --db is read from GANNS_DB_URL, then DATABASE_URL (what hosting platforms and other tools
+# set); with neither, asyncpg connects as psql would, from libpq's variables and ~/.pgpass
+# (ganns_async.db.database_url says when that counts as no database at all).
+DB_ENVVARS = ["GANNS_DB_URL", "DATABASE_URL"]
+DB_HELP = ("PostgreSQL URL{who}, e.g. postgresql://user:pass@host:5432/ganns; else GANNS_DB_URL, else "
+           "DATABASE_URL, else (as psql does) libpq's PGHOST, PGPORT, PGUSER, PGDATABASE, PGSSLMODE..., with the password from "
+           "~/.pgpass (mode 0600) or PGPASSWORD")
+
+
+def _db_option(who: str = "") -> Any:
+    """The --db option of every command that connects to the class's database."""
+    return typer.Option(None, "--db", envvar=DB_ENVVARS, show_default=False, help=DB_HELP.format(who=who) + ".")
+
+
+def _database(db: Optional[str]) -> str:
+    """--db as given, or the environment's database; a one-line error when there is none."""
+    from ganns_async.db import database_url
+
+    return database_url(db)
+
+
 DATA_HELP = ("CelebA img_align_celeba.zip (read in place), a folder of images, or hf://OWNER/REPO/PATH "
              "(downloaded once into the Hugging Face cache)")
 
@@ -183,7 +203,7 @@ def _root(
 
 @app.command()
 def worker(
-    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP),
+    db: Optional[str] = _db_option(),
     data: str = typer.Option(..., "--data", envvar="GANNS_DATA", help=DATA_HELP + " (the same one the coordinator uses)"),
     name: Optional[str] = typer.Option(None, "--name", envvar="GANNS_NAME", help="Shown on the dashboard [default: user@host]."),
     device: str = typer.Option("auto", "--device", envvar="GANNS_DEVICE", help="auto, cpu, cuda or mps.",
@@ -210,10 +230,9 @@ def worker(
 
     from ganns_async.tui import want_tui
 
-    opts = WorkerOptions(db_url=db, data=data, name=name, device=device, batch_size=batch_size,
-                         threads=threads, lease_s=lease, heartbeat_s=heartbeat, sweep_s=sweep)
-
     async def main() -> int:
+        opts = WorkerOptions(db_url=_database(db), data=data, name=name, device=device, batch_size=batch_size,
+                             threads=threads, lease_s=lease, heartbeat_s=heartbeat, sweep_s=sweep)
         w = Worker(opts)
         if not want_tui(no_tui):
             return await w.run()
@@ -235,7 +254,7 @@ def worker(
 
 @app.command()
 def coordinator(
-    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP),
+    db: Optional[str] = _db_option(),
     data: str = typer.Option(..., "--data", envvar="GANNS_DATA", help=DATA_HELP),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", envvar="GANNS_MAX_STEPS", min=1,
                                             help="Stop after this many steps (rounds: published versions) "
@@ -319,8 +338,8 @@ def coordinator(
             cfg.check()
         except ValueError as exc:
             raise UserError(_flag_names(exc)) from None
-        opts = CoordinatorOptions(db_url=db, data=data, out=out, max_steps=max_steps, resume=resume, config=cfg,
-                                  step_timeout=step_timeout, min_units=min_units,
+        opts = CoordinatorOptions(db_url=_database(db), data=data, out=out, max_steps=max_steps, resume=resume,
+                                  config=cfg, step_timeout=step_timeout, min_units=min_units,
                                   checkpoint_every=checkpoint_every, state_every=state_every, sweep_s=sweep,
                                   eval_every=eval_every, eval_n=eval_n, hf_repo=hf_repo,
                                   hf_push_every=hf_push_every, hf_private=hf_private, spot_check=spot_check)
@@ -352,7 +371,7 @@ async def _coordinate(opts: Any, *, tui: bool) -> int:
 
 @app.command()
 def watch(
-    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP),
+    db: Optional[str] = _db_option(),
     run: Optional[int] = typer.Option(None, "--run", envvar="GANNS_RUN", help="Run id [default: the active one]."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", envvar="GANNS_MAX_STEPS", min=1,
                                             help="Show progress and ETA towards this many steps."),
@@ -368,14 +387,15 @@ def watch(
     from ganns_async.tui import want_tui
 
     async def main() -> None:
+        url = _database(db)
         tui = want_tui(no_tui)
-        feeder = SnapshotFeeder(db, title="watch", leaderboard=True, max_steps=max_steps,
+        feeder = SnapshotFeeder(url, title="watch", leaderboard=True, max_steps=max_steps,
                                 run_id=lambda: run, samples_from_db=tui)
         # Fail fast with a clear line when the database is wrong, before any screen is drawn.
         from ganns_async.db import Database
         from ganns_async.migrate import require_migrated
 
-        probe = await Database.open(db, max_size=1, application_name="ganns-async watch")
+        probe = await Database.open(url, max_size=1, application_name="ganns-async watch")
         try:
             await require_migrated(probe)
         finally:
@@ -412,7 +432,7 @@ def watch(
 @app.command()
 def control(
     action: str = typer.Argument(..., help="pause, resume or stop", autocompletion=_words("pause", "resume", "stop")),
-    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP),
+    db: Optional[str] = _db_option(),
     run: Optional[int] = typer.Option(None, "--run", envvar="GANNS_RUN", help="Run id [default: the active one]."),
 ) -> None:
     """Pause, resume or stop the class's run (the same as an UPDATE of runs.status in psql).
@@ -428,7 +448,7 @@ def control(
         if action not in targets:
             raise UserError(f"unknown action {action!r}: choose pause, resume or stop")
         status, allowed = targets[action]
-        database = await Database.open(db, max_size=1, application_name="ganns-async control")
+        database = await Database.open(_database(db), max_size=1, application_name="ganns-async control")
         try:
             row = await database.fetchrow("get_run", run) if run is not None else await database.fetchrow("active_run")
             if row is None:
@@ -507,7 +527,10 @@ def train_local_cmd(
 @app.command()
 def demo(
     db: Optional[str] = typer.Option(None, "--db", envvar="GANNS_DEMO_DB_URL",
-                                     help=DB_HELP + " [default: start an embedded PostgreSQL]"),
+                                     help="PostgreSQL URL to run the demo in, e.g. postgresql://user:pass@host:5432/"
+                                          "ganns [default: start an embedded PostgreSQL]. Only this option or "
+                                          "GANNS_DEMO_DB_URL: the demo does not read DATABASE_URL or the PG* "
+                                          "variables, so it never trains in a class's database by accident."),
     data: Optional[str] = typer.Option(None, "--data", envvar="GANNS_DATA",
                                        help=DATA_HELP + " [default: make a synthetic face dataset]"),
     workers: int = typer.Option(2, "--workers", envvar="GANNS_WORKERS", min=1, help="Worker processes to start."),
@@ -578,12 +601,13 @@ def eval_cmd(
 
 
 @db_app.command("migrate")
-def db_migrate(db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP)) -> None:
+def db_migrate(db: Optional[str] = _db_option()) -> None:
     """Apply the pending sql/NNN_*.sql migrations in order (safe to run twice)."""
     from ganns_async.migrate import migrate
 
     def body() -> None:
-        applied = _run_async(lambda: migrate(db))
+        url = _database(db)
+        applied = _run_async(lambda: migrate(url))
         if applied:
             for name in applied:
                 typer.echo(f"applied {name}")
@@ -594,12 +618,13 @@ def db_migrate(db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=D
 
 
 @db_app.command("status")
-def db_status(db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP)) -> None:
+def db_status(db: Optional[str] = _db_option()) -> None:
     """List the migrations and whether each is applied."""
     from ganns_async.migrate import status
 
     def body() -> None:
-        rows = _run_async(lambda: status(db))
+        url = _database(db)
+        rows = _run_async(lambda: status(url))
         for row in rows:
             if not row.applied:
                 state = "pending"
@@ -629,7 +654,7 @@ def _print_login(url: str, role: str) -> None:
 @db_app.command("add-student")
 def db_add_student(
     name: str = typer.Argument(..., help="The login: 1-40 of a-z, 0-9 and _ (e.g. alice)."),
-    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP + " (a user with CREATEROLE)"),
+    db: Optional[str] = _db_option(" of a user with CREATEROLE"),
     password: Optional[str] = typer.Option(None, "--password", help="[default: a random one, printed in the URL]"),
 ) -> None:
     """Create a student's login (a ganns_worker) and print the URL the student runs workers with.
@@ -641,7 +666,7 @@ def db_add_student(
     """
     from ganns_async.logins import add_login
 
-    _run(lambda: _print_login(_run_async(lambda: add_login(db, name, "student", password)), "student"))
+    _run(lambda: _print_login(_run_async(lambda: add_login(_database(db), name, "student", password)), "student"))
 
 
 @db_app.command("add-login")
@@ -650,13 +675,13 @@ def db_add_login(
     role: str = typer.Option("student", "--role", autocompletion=_words("student", "instructor", "viewer"),
                              help="student (runs workers), instructor (runs the coordinator, control) or "
                                   "viewer (watch only)."),
-    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP + " (a user with CREATEROLE)"),
+    db: Optional[str] = _db_option(" of a user with CREATEROLE"),
     password: Optional[str] = typer.Option(None, "--password", help="[default: a random one, printed in the URL]"),
 ) -> None:
     """Create a login for a student, an instructor or a viewer, and print its URL."""
     from ganns_async.logins import add_login
 
-    _run(lambda: _print_login(_run_async(lambda: add_login(db, name, role, password)), role))
+    _run(lambda: _print_login(_run_async(lambda: add_login(_database(db), name, role, password)), role))
 
 
 # --- data -----------------------------------------------------------------------------

@@ -372,3 +372,7 @@ SELECT * FROM workers WHERE run_id = $1 ORDER BY id;
 -- name: add_login
 -- Needs CREATEROLE: see sql/003_roles.sql (ganns_admin.add_login).
 SELECT ganns_admin.add_login($1, $2, $3);
+
+-- name: current_database
+-- The database a login's URL must name when the admin's URL left it to the environment.
+SELECT current_database();
