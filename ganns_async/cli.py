@@ -28,8 +28,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(no_args_is_help=True, help="Apply the schema migrations in sql/ and make the class's logins.")
 data_app = typer.Typer(no_args_is_help=True, help="Make or inspect datasets.")
+metrics_app = typer.Typer(no_args_is_help=True, help="Take a run's training curves out of the database.")
 app.add_typer(db_app, name="db")
 app.add_typer(data_app, name="data")
+app.add_typer(metrics_app, name="metrics")
 
 _state = {"debug": False}
 
@@ -682,6 +684,38 @@ def db_add_login(
     from ganns_async.logins import add_login
 
     _run(lambda: _print_login(_run_async(lambda: add_login(_database(db), name, role, password)), role))
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+@metrics_app.command("export")
+def metrics_export(
+    csv_path: str = typer.Option(..., "--csv", envvar="GANNS_METRICS_CSV",
+                                 help="Write the CSV here (- for stdout); a file is replaced atomically."),
+    run: Optional[int] = typer.Option(None, "--run", envvar="GANNS_RUN", help="Run id [default: the newest run]."),
+    db: Optional[str] = _db_option(),
+) -> None:
+    """Every metrics row of a run as CSV, with a header: what `watch` and metrics.png plot.
+
+    One row per step: run_id, step, created_at (when the step closed, ISO 8601), epoch,
+    images (trained on in the step), units, g_loss, d_loss, d_x (D's mean output on real
+    images), d_g_z (on generated ones) and swd (sliced Wasserstein distance x1e3, lower is
+    better; only at the steps where it was measured, empty elsewhere). Reads the views a
+    viewer may read, so an instructor's, a viewer's or a student's login will do.
+    """
+    from ganns_async.export import STDOUT, check_destination, read_metrics, write_csv
+
+    def body() -> None:
+        check_destination(csv_path)
+        url = _database(db)
+        export = _run_async(lambda: read_metrics(url, run))
+        n = write_csv(csv_path, export.rows)
+        where = "stdout" if csv_path == STDOUT else csv_path
+        note = "" if n else " (no step closed yet: the header only)"
+        typer.echo(f"run {export.run_id}: {n} metrics row(s) written to {where}{note}", err=True)
+
+    _run(body)
 
 
 # --- data -----------------------------------------------------------------------------

@@ -309,6 +309,11 @@ SELECT step, g_loss, d_loss, d_x, d_g_z, swd, images,
   FROM (SELECT * FROM ganns_view.metrics WHERE run_id = $1 ORDER BY step DESC LIMIT $2) AS recent
  ORDER BY step;
 
+-- name: export_metrics
+-- Every metrics row of a run, for `metrics export` (its columns: export.COLUMNS).
+SELECT run_id, step, created_at, epoch, images, units, g_loss, d_loss, d_x, d_g_z, swd
+  FROM ganns_view.metrics WHERE run_id = $1 ORDER BY step;
+
 -- name: ping
 SELECT 1;
 
