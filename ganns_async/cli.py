@@ -316,6 +316,10 @@ def coordinator(
                                                 help="Steps between pushes [default: --checkpoint-every]."),
     hf_private: bool = typer.Option(False, "--hf-private", envvar="GANNS_HF_PRIVATE",
                                     help="Create the Hub repo as private."),
+    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", envvar="GANNS_TENSORBOARD",
+                                               help="Also write each step's metrics (losses, D(x), D(G(z)), SWD, "
+                                                    "images/s) as TensorBoard scalars under DIR/run-ID; view them "
+                                                    "with `tensorboard --logdir DIR`. Needs the tensorboard extra."),
     no_tui: bool = typer.Option(False, "--no-tui", envvar="GANNS_NO_TUI", help="Plain log lines instead of a dashboard."),
 ) -> None:
     """Run the training: publish weights and work units, average what they send, step.
@@ -340,11 +344,16 @@ def coordinator(
             cfg.check()
         except ValueError as exc:
             raise UserError(_flag_names(exc)) from None
+        if tensorboard is not None:
+            from ganns_async.tensorboard_log import summary_writer_class
+
+            summary_writer_class()  # refuse at once, not after the data and the database
         opts = CoordinatorOptions(db_url=_database(db), data=data, out=out, max_steps=max_steps, resume=resume,
                                   config=cfg, step_timeout=step_timeout, min_units=min_units,
                                   checkpoint_every=checkpoint_every, state_every=state_every, sweep_s=sweep,
                                   eval_every=eval_every, eval_n=eval_n, hf_repo=hf_repo,
-                                  hf_push_every=hf_push_every, hf_private=hf_private, spot_check=spot_check)
+                                  hf_push_every=hf_push_every, hf_private=hf_private, spot_check=spot_check,
+                                  tensorboard=tensorboard)
         _run_async(lambda: _coordinate(opts, tui=want_tui(no_tui)))
 
     _run(body)
