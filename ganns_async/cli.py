@@ -16,7 +16,7 @@ import typer
 from ganns_async.errors import UserError
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     rich_markup_mode=None,
     help=(
@@ -28,12 +28,34 @@ app = typer.Typer(
 )
 db_app = typer.Typer(no_args_is_help=True, help="Apply the schema migrations in sql/ and make the class's logins.")
 data_app = typer.Typer(no_args_is_help=True, help="Make or inspect datasets.")
+metrics_app = typer.Typer(no_args_is_help=True, help="Take a run's training curves out of the database.")
 app.add_typer(db_app, name="db")
 app.add_typer(data_app, name="data")
+app.add_typer(metrics_app, name="metrics")
 
 _state = {"debug": False}
 
-DB_HELP = "PostgreSQL URL, e.g. postgresql://user:pass@host:5432/ganns"
+# --db is read from GANNS_DB_URL, then DATABASE_URL (what hosting platforms and other tools
+# set); with neither, asyncpg connects as psql would, from libpq's variables and ~/.pgpass
+# (ganns_async.db.database_url says when that counts as no database at all).
+DB_ENVVARS = ["GANNS_DB_URL", "DATABASE_URL"]
+DB_HELP = ("PostgreSQL URL{who}, e.g. postgresql://user:pass@host:5432/ganns; else GANNS_DB_URL, else "
+           "DATABASE_URL, else (as psql does) libpq's PGHOST, PGPORT, PGUSER, PGDATABASE, PGSSLMODE..., with the password from "
+           "~/.pgpass (mode 0600) or PGPASSWORD")
+
+
+def _db_option(who: str = "") -> Any:
+    """The --db option of every command that connects to the class's database."""
+    return typer.Option(None, "--db", envvar=DB_ENVVARS, show_default=False, help=DB_HELP.format(who=who) + ".")
+
+
+def _database(db: Optional[str]) -> str:
+    """--db as given, or the environment's database; a one-line error when there is none."""
+    from ganns_async.db import database_url
+
+    return database_url(db)
+
+
 DATA_HELP = ("CelebA img_align_celeba.zip (read in place), a folder of images, or hf://OWNER/REPO/PATH "
              "(downloaded once into the Hugging Face cache)")
 
@@ -51,6 +73,13 @@ LOCAL_STEPS_HELP = ("Inner steps per unit. 1: exact mode, a unit is one gradient
                     "unit-size images and moves about H times fewer bytes per image.")
 OUTER_LR_HELP = "Local mode: outer step size on the averaged change (1 with momentum 0 is FedAvg; DiLoCo: 0.7)."
 OUTER_MOMENTUM_HELP = "Local mode: outer Nesterov momentum (0 is FedAvg; DiLoCo: 0.9)."
+
+
+def _words(*words: str) -> Callable[[str], list[str]]:
+    """Shell completion for an option that takes one of a few words (``--install-completion``
+    sets it up). Completion runs this module without running a command, so it stays as
+    light as ``--help``: nothing heavy is imported here."""
+    return lambda incomplete: [w for w in words if w.startswith(incomplete)]
 
 
 def _units_per_step(value: str) -> int:
@@ -140,10 +169,32 @@ def _run_async(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     return asyncio.run(main())
 
 
+def package_version() -> str:
+    """The installed distribution's version; ``ganns_async.__version__`` when running from a
+    source checkout that was never installed (no metadata to read)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ganns-async")
+    except PackageNotFoundError:
+        from ganns_async import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ganns-async {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", envvar="GANNS_DEBUG", help="Show tracebacks for errors."),
-    log_level: str = typer.Option("INFO", "--log-level", envvar="GANNS_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR."),
+    log_level: str = typer.Option("INFO", "--log-level", envvar="GANNS_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.",
+                                  autocompletion=_words("DEBUG", "INFO", "WARNING", "ERROR")),
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, expose_value=False,
+                                  help="Print the version and exit."),
 ) -> None:
     _state["debug"] = debug
     _setup_logging("DEBUG" if debug else log_level)
@@ -154,10 +205,11 @@ def _root(
 
 @app.command()
 def worker(
-    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP),
+    db: Optional[str] = _db_option(),
     data: str = typer.Option(..., "--data", envvar="GANNS_DATA", help=DATA_HELP + " (the same one the coordinator uses)"),
     name: Optional[str] = typer.Option(None, "--name", envvar="GANNS_NAME", help="Shown on the dashboard [default: user@host]."),
-    device: str = typer.Option("auto", "--device", envvar="GANNS_DEVICE", help="auto, cpu, cuda or mps."),
+    device: str = typer.Option("auto", "--device", envvar="GANNS_DEVICE", help="auto, cpu, cuda or mps.",
+                                autocompletion=_words("auto", "cpu", "cuda", "mps")),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", envvar="GANNS_BATCH_SIZE", min=1,
                                              help="Largest batch per forward pass; a unit is split into micro-batches "
                                                   "of this size on small GPUs [default: whole unit]."),
@@ -180,10 +232,9 @@ def worker(
 
     from ganns_async.tui import want_tui
 
-    opts = WorkerOptions(db_url=db, data=data, name=name, device=device, batch_size=batch_size,
-                         threads=threads, lease_s=lease, heartbeat_s=heartbeat, sweep_s=sweep)
-
     async def main() -> int:
+        opts = WorkerOptions(db_url=_database(db), data=data, name=name, device=device, batch_size=batch_size,
+                             threads=threads, lease_s=lease, heartbeat_s=heartbeat, sweep_s=sweep)
         w = Worker(opts)
         if not want_tui(no_tui):
             return await w.run()
@@ -205,7 +256,7 @@ def worker(
 
 @app.command()
 def coordinator(
-    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP),
+    db: Optional[str] = _db_option(),
     data: str = typer.Option(..., "--data", envvar="GANNS_DATA", help=DATA_HELP),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", envvar="GANNS_MAX_STEPS", min=1,
                                             help="Stop after this many steps (rounds: published versions) "
@@ -236,6 +287,7 @@ def coordinator(
     checkpoint_every: int = typer.Option(10, "--checkpoint-every", envvar="GANNS_CHECKPOINT_EVERY", min=1,
                                          help="Write checkpoint_latest.pth and a sample grid every N steps."),
     grad_dtype: str = typer.Option("bf16", "--grad-dtype", envvar="GANNS_GRAD_DTYPE",
+                                   autocompletion=_words("bf16", "fp32"),
                                    help="What units send back (gradients, or changes in local mode): bf16 (10 MB "
                                         "a unit, 2.4x less than fp32; learned as well as fp32 in the demo) or fp32 "
                                         "(exact: a --max-staleness 0 run then equals train-local)."),
@@ -269,6 +321,10 @@ def coordinator(
                                                  "the generator folder, samples and curves."),
     hf_private: bool = typer.Option(False, "--hf-private", envvar="GANNS_HF_PRIVATE",
                                     help="Create the Hub repo as private."),
+    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", envvar="GANNS_TENSORBOARD",
+                                               help="Also write each step's metrics (losses, D(x), D(G(z)), SWD, "
+                                                    "images/s) as TensorBoard scalars under DIR/run-ID; view them "
+                                                    "with `tensorboard --logdir DIR`. Needs the tensorboard extra."),
     no_tui: bool = typer.Option(False, "--no-tui", envvar="GANNS_NO_TUI", help="Plain log lines instead of a dashboard."),
 ) -> None:
     """Run the training: publish weights and work units, average what they send, step.
@@ -294,12 +350,16 @@ def coordinator(
             cfg.check()
         except ValueError as exc:
             raise UserError(_flag_names(exc)) from None
-        opts = CoordinatorOptions(db_url=db, data=data, out=out, max_steps=max_steps, resume=resume, config=cfg,
-                                  step_timeout=step_timeout, min_units=min_units,
+        if tensorboard is not None:
+            from ganns_async.tensorboard_log import summary_writer_class
+
+            summary_writer_class()  # refuse at once, not after the data and the database
+        opts = CoordinatorOptions(db_url=_database(db), data=data, out=out, max_steps=max_steps, resume=resume,
+                                  config=cfg, step_timeout=step_timeout, min_units=min_units,
                                   checkpoint_every=checkpoint_every, state_every=state_every, sweep_s=sweep,
                                   eval_every=eval_every, eval_n=eval_n, hf_repo=hf_repo,
                                   hf_push_every=hf_push_every, hf_checkpoint_every=hf_checkpoint_every,
-                                  hf_private=hf_private, spot_check=spot_check)
+                                  hf_private=hf_private, spot_check=spot_check, tensorboard=tensorboard)
         _run_async(lambda: _coordinate(opts, tui=want_tui(no_tui)))
 
     _run(body)
@@ -328,7 +388,7 @@ async def _coordinate(opts: Any, *, tui: bool) -> int:
 
 @app.command()
 def watch(
-    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP),
+    db: Optional[str] = _db_option(),
     run: Optional[int] = typer.Option(None, "--run", envvar="GANNS_RUN", help="Run id [default: the active one]."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", envvar="GANNS_MAX_STEPS", min=1,
                                             help="Show progress and ETA towards this many steps."),
@@ -344,14 +404,15 @@ def watch(
     from ganns_async.tui import want_tui
 
     async def main() -> None:
+        url = _database(db)
         tui = want_tui(no_tui)
-        feeder = SnapshotFeeder(db, title="watch", leaderboard=True, max_steps=max_steps,
+        feeder = SnapshotFeeder(url, title="watch", leaderboard=True, max_steps=max_steps,
                                 run_id=lambda: run, samples_from_db=tui)
         # Fail fast with a clear line when the database is wrong, before any screen is drawn.
         from ganns_async.db import Database
         from ganns_async.migrate import require_migrated
 
-        probe = await Database.open(db, max_size=1, application_name="ganns-async watch")
+        probe = await Database.open(url, max_size=1, application_name="ganns-async watch")
         try:
             await require_migrated(probe)
         finally:
@@ -387,8 +448,8 @@ def watch(
 
 @app.command()
 def control(
-    action: str = typer.Argument(..., help="pause, resume or stop"),
-    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP),
+    action: str = typer.Argument(..., help="pause, resume or stop", autocompletion=_words("pause", "resume", "stop")),
+    db: Optional[str] = _db_option(),
     run: Optional[int] = typer.Option(None, "--run", envvar="GANNS_RUN", help="Run id [default: the active one]."),
 ) -> None:
     """Pause, resume or stop the class's run (the same as an UPDATE of runs.status in psql).
@@ -404,7 +465,7 @@ def control(
         if action not in targets:
             raise UserError(f"unknown action {action!r}: choose pause, resume or stop")
         status, allowed = targets[action]
-        database = await Database.open(db, max_size=1, application_name="ganns-async control")
+        database = await Database.open(_database(db), max_size=1, application_name="ganns-async control")
         try:
             row = await database.fetchrow("get_run", run) if run is not None else await database.fetchrow("active_run")
             if row is None:
@@ -440,6 +501,7 @@ def train_local_cmd(
     outer_momentum: float = typer.Option(0.0, "--outer-momentum", envvar="GANNS_OUTER_MOMENTUM",
                                          help=OUTER_MOMENTUM_HELP),
     grad_dtype: str = typer.Option("fp32", "--grad-dtype", envvar="GANNS_GRAD_DTYPE",
+                                   autocompletion=_words("bf16", "fp32"),
                                    help="Simulate the wire: bf16 rounds what units send back (and, in local mode, "
                                         "the weights they get) as a distributed run's default does; fp32 is exact."),
     lr: float = typer.Option(2e-4, "--lr", envvar="GANNS_LR", help="Adam learning rate (both networks)."),
@@ -482,7 +544,10 @@ def train_local_cmd(
 @app.command()
 def demo(
     db: Optional[str] = typer.Option(None, "--db", envvar="GANNS_DEMO_DB_URL",
-                                     help=DB_HELP + " [default: start an embedded PostgreSQL]"),
+                                     help="PostgreSQL URL to run the demo in, e.g. postgresql://user:pass@host:5432/"
+                                          "ganns [default: start an embedded PostgreSQL]. Only this option or "
+                                          "GANNS_DEMO_DB_URL: the demo does not read DATABASE_URL or the PG* "
+                                          "variables, so it never trains in a class's database by accident."),
     data: Optional[str] = typer.Option(None, "--data", envvar="GANNS_DATA",
                                        help=DATA_HELP + " [default: make a synthetic face dataset]"),
     workers: int = typer.Option(2, "--workers", envvar="GANNS_WORKERS", min=1, help="Worker processes to start."),
@@ -553,12 +618,13 @@ def eval_cmd(
 
 
 @db_app.command("migrate")
-def db_migrate(db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP)) -> None:
+def db_migrate(db: Optional[str] = _db_option()) -> None:
     """Apply the pending sql/NNN_*.sql migrations in order (safe to run twice)."""
     from ganns_async.migrate import migrate
 
     def body() -> None:
-        applied = _run_async(lambda: migrate(db))
+        url = _database(db)
+        applied = _run_async(lambda: migrate(url))
         if applied:
             for name in applied:
                 typer.echo(f"applied {name}")
@@ -569,12 +635,13 @@ def db_migrate(db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=D
 
 
 @db_app.command("status")
-def db_status(db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP)) -> None:
+def db_status(db: Optional[str] = _db_option()) -> None:
     """List the migrations and whether each is applied."""
     from ganns_async.migrate import status
 
     def body() -> None:
-        rows = _run_async(lambda: status(db))
+        url = _database(db)
+        rows = _run_async(lambda: status(url))
         for row in rows:
             if not row.applied:
                 state = "pending"
@@ -604,7 +671,7 @@ def _print_login(url: str, role: str) -> None:
 @db_app.command("add-student")
 def db_add_student(
     name: str = typer.Argument(..., help="The login: 1-40 of a-z, 0-9 and _ (e.g. alice)."),
-    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP + " (a user with CREATEROLE)"),
+    db: Optional[str] = _db_option(" of a user with CREATEROLE"),
     password: Optional[str] = typer.Option(None, "--password", help="[default: a random one, printed in the URL]"),
 ) -> None:
     """Create a student's login (a ganns_worker) and print the URL the student runs workers with.
@@ -616,21 +683,54 @@ def db_add_student(
     """
     from ganns_async.logins import add_login
 
-    _run(lambda: _print_login(_run_async(lambda: add_login(db, name, "student", password)), "student"))
+    _run(lambda: _print_login(_run_async(lambda: add_login(_database(db), name, "student", password)), "student"))
 
 
 @db_app.command("add-login")
 def db_add_login(
     name: str = typer.Argument(..., help="The login: 1-40 of a-z, 0-9 and _."),
-    role: str = typer.Option("student", "--role", help="student (runs workers), instructor (runs the coordinator, "
-                                                       "control) or viewer (watch only)."),
-    db: str = typer.Option(..., "--db", envvar="GANNS_DB_URL", help=DB_HELP + " (a user with CREATEROLE)"),
+    role: str = typer.Option("student", "--role", autocompletion=_words("student", "instructor", "viewer"),
+                             help="student (runs workers), instructor (runs the coordinator, control) or "
+                                  "viewer (watch only)."),
+    db: Optional[str] = _db_option(" of a user with CREATEROLE"),
     password: Optional[str] = typer.Option(None, "--password", help="[default: a random one, printed in the URL]"),
 ) -> None:
     """Create a login for a student, an instructor or a viewer, and print its URL."""
     from ganns_async.logins import add_login
 
-    _run(lambda: _print_login(_run_async(lambda: add_login(db, name, role, password)), role))
+    _run(lambda: _print_login(_run_async(lambda: add_login(_database(db), name, role, password)), role))
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+@metrics_app.command("export")
+def metrics_export(
+    csv_path: str = typer.Option(..., "--csv", envvar="GANNS_METRICS_CSV",
+                                 help="Write the CSV here (- for stdout); a file is replaced atomically."),
+    run: Optional[int] = typer.Option(None, "--run", envvar="GANNS_RUN", help="Run id [default: the newest run]."),
+    db: Optional[str] = _db_option(),
+) -> None:
+    """Every metrics row of a run as CSV, with a header: what `watch` and metrics.png plot.
+
+    One row per step: run_id, step, created_at (when the step closed, ISO 8601), epoch,
+    images (trained on in the step), units, g_loss, d_loss, d_x (D's mean output on real
+    images), d_g_z (on generated ones) and swd (sliced Wasserstein distance x1e3, lower is
+    better; only at the steps where it was measured, empty elsewhere). Reads the views a
+    viewer may read, so an instructor's, a viewer's or a student's login will do.
+    """
+    from ganns_async.export import STDOUT, check_destination, read_metrics, write_csv
+
+    def body() -> None:
+        check_destination(csv_path)
+        url = _database(db)
+        export = _run_async(lambda: read_metrics(url, run))
+        n = write_csv(csv_path, export.rows)
+        where = "stdout" if csv_path == STDOUT else csv_path
+        note = "" if n else " (no step closed yet: the header only)"
+        typer.echo(f"run {export.run_id}: {n} metrics row(s) written to {where}{note}", err=True)
+
+    _run(body)
 
 
 # --- data -----------------------------------------------------------------------------

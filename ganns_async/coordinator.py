@@ -95,6 +95,7 @@ class CoordinatorOptions:
     hf_private: bool = False
     sweep_s: float = 15.0
     spot_check: float = 0.05  # share of results checked by a copy (plus each worker's first ones)
+    tensorboard: Path | None = None  # also write the metrics rows as TensorBoard scalars here
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Coordinator:
         self.outputs = OutputWriter(opts.out, self._executor)
         self.evaluator: Evaluator | None = None
         self.publisher: Any = None  # HubPublisher when --hf-repo is given
+        self.tensorboard: Any = None  # TensorBoardLog when --tensorboard is given
         self._lock: RunLock | None = None
         self.side = SideTasks(log)  # listener, run lock: the coordinator stops if one dies
         self._check_results = False  # set on every reconnect: a crash may have emptied the gradients table
@@ -193,6 +195,11 @@ class Coordinator:
             else:
                 await self._start_new()
             assert self.run_id is not None
+            if opts.tensorboard is not None:
+                from ganns_async.tensorboard_log import TensorBoardLog
+
+                self.tensorboard = TensorBoardLog(opts.tensorboard, self.run_id,
+                                                  resume_step=self.step if opts.resume else None)
             # The largest blob a worker may store (the server refuses bigger ones before the
             # coordinator ever reads them), and how long it may hold a unit.
             budget = codec.spec_budget(gradient_spec(self.trainer.g, self.trainer.d))
@@ -238,6 +245,8 @@ class Coordinator:
             self.evaluator.close()
         if self.publisher is not None:
             self.publisher.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.intake is not None:
             self.intake.close()
         self._executor.shutdown(wait=True)
@@ -569,6 +578,8 @@ class Coordinator:
         self._contributors.update(acc.workers)
         self.status.epoch = epoch
         self.status.history.append({"step": version, **metrics})
+        if self.tensorboard is not None:  # the metrics row just committed, as scalars
+            self.tensorboard.step(version, metrics, images=acc.n, units=len(acc.units), epoch=epoch)
         log.info("step %d (epoch %d, %.0f%% through it): %d images from %d unit(s), %d worker(s); "
                  "d_loss=%.3f g_loss=%.3f D(x)=%.3f D(G(z))=%.3f",
                  version, position // len(self.dataset), 100 * (position % len(self.dataset)) / len(self.dataset),
@@ -672,6 +683,8 @@ class Coordinator:
         run_id = self.run_id
         assert run_id is not None
         await self._retry(f"recording SWD of step {step}", lambda: self.store.record_swd(run_id, step, swd))
+        if self.tensorboard is not None:
+            self.tensorboard.swd(step, swd)
         self._publish()
 
     @property

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable
 from functools import cache
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import asyncpg
 
@@ -74,26 +75,107 @@ def queries() -> dict[str, str]:
     return found
 
 
+# --- which database: a URL, or libpq's environment ------------------------------------
+#
+# --db, GANNS_DB_URL and DATABASE_URL give a URL. Without one, asyncpg connects the way psql
+# does: it reads PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD, PGSSLMODE, PGPASSFILE (and
+# more) and the password file ~/.pgpass (only when it is mode 0600), for every part that no
+# URL gives (asyncpg/connect_utils.py, _parse_connect_dsn_and_args). The variables below name
+# *which* server, login or database; with none of them set there is nothing to connect to:
+# asyncpg would try the local socket as the operating system's user, which is rarely the
+# class's server, and "connection refused" there would not say what to pass. PGPASSWORD,
+# PGSSLMODE and the like only say *how* to connect, so alone they choose nothing.
+LIBPQ_TARGET_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE")
+FROM_ENVIRONMENT = ""  # the URL value that means "libpq's environment"
+NO_DATABASE = ("no database given: pass --db postgresql://USER@HOST:5432/DBNAME, or set GANNS_DB_URL, DATABASE_URL "
+               "or libpq's PGHOST, PGUSER and PGDATABASE (the password then comes from ~/.pgpass or PGPASSWORD)")
+
+
+def database_url(url: str | None) -> str:
+    """What a command connects with: ``url`` (from --db, GANNS_DB_URL or DATABASE_URL, in that
+    order), else FROM_ENVIRONMENT when libpq's variables name a database; else the one-line
+    UserError that says what to pass. A bad URL is refused here too, before any work starts."""
+    url = url or FROM_ENVIRONMENT
+    _check_url(url)
+    return url
+
+
+def _environment_names_a_database() -> bool:
+    return any(os.environ.get(name) for name in LIBPQ_TARGET_VARIABLES)
+
+
+def _dsn(url: str) -> str | None:
+    """What asyncpg gets. For the environment, nothing: asyncpg reads it itself. PGSERVICE is
+    the exception: asyncpg 0.29-0.32 reads a service file only for a DSN that names the
+    service, and ignores the variable, so the service is named in a DSN of its own."""
+    if url:
+        return url
+    service = os.environ.get("PGSERVICE")
+    return "postgresql://?" + urlencode({"service": service}) if service else None
+
+
+def with_environment(url: str) -> str:
+    """``url`` with the parts it leaves out taken from libpq's variables, as asyncpg takes
+    them: host and port (PGHOST, PGPORT), user (PGUSER), database (PGDATABASE) and sslmode
+    (PGSSLMODE); never a password. FROM_ENVIRONMENT gives the environment's own URL. For
+    showing where a connection goes, and for building other logins' URLs."""
+    env = os.environ
+    parts = urlsplit(url or "postgresql://")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    given = {k.lower() for k, _ in query}
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    host_given = bool(parts.hostname) or "host" in given
+    if not host_given and env.get("PGHOST"):
+        host = env["PGHOST"]
+        if host.startswith("/") or "," in host:  # a socket folder or a list: only a query option can say it
+            query.append(("host", host))
+        else:
+            hostport = f"[{host}]" if ":" in host else host
+    if parts.port is None and "port" not in given and env.get("PGPORT"):
+        if hostport:
+            hostport += ":" + env["PGPORT"]
+        else:
+            query.append(("port", env["PGPORT"]))
+    if not userinfo and "user" not in given and env.get("PGUSER"):
+        userinfo = quote(env["PGUSER"], safe="")
+    path = parts.path
+    if path in ("", "/") and not given & {"dbname", "database"} and env.get("PGDATABASE"):
+        path = "/" + quote(env["PGDATABASE"], safe="")
+    if "sslmode" not in given and env.get("PGSSLMODE"):
+        query.append(("sslmode", env["PGSSLMODE"]))
+    netloc = f"{userinfo}@{hostport}" if userinfo else hostport
+    options = urlencode(query, safe="/,")
+    # Spelled out: urlunsplit would drop the // of a URL without a host.
+    return f"{parts.scheme or 'postgresql'}://{netloc}{path}" + (f"?{options}" if options else "")
+
+
 def describe_url(url: str) -> str:
-    """A URL without its password, fit to print (never raises)."""
+    """Where ``url`` connects, without any password, fit to print (never raises). The parts
+    the URL leaves out are shown as libpq's variables fill them in."""
+    if url == FROM_ENVIRONMENT:
+        service = os.environ.get("PGSERVICE")
+        if service:
+            return f"service {service!r} (PGSERVICE)"
+        return f"{describe_url(with_environment(url))} (from the PG* variables)"
     if "://" not in url:
         return repr(url)
     try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if not host:
-            q = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-            host = q.get("host", "local socket")
-        port = f":{parts.port}" if parts.port else ""
+        parts = urlsplit(with_environment(url))
+        q = dict(parse_qsl(parts.query))
+        host = parts.hostname or q.get("host", "local socket")
+        port = parts.port or q.get("port")
     except ValueError:
         return "<unparseable URL>"
     user = f"{parts.username}@" if parts.username else ""
-    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+    port = f":{port}" if port else ""
+    service = f" (service {q['service']!r})" if "service" in q else ""
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}{service}"
 
 
 def _translate(url: str, exc: BaseException) -> UserError:
     where = describe_url(url)
-    hint = "check --db / GANNS_DB_URL"
+    hint = ("check PGHOST, PGPORT, PGUSER, PGDATABASE and ~/.pgpass (mode 0600), or pass --db"
+            if url == FROM_ENVIRONMENT else "check --db / GANNS_DB_URL / DATABASE_URL")
     if isinstance(exc, asyncpg.exceptions.InvalidPasswordError):
         return UserError(f"authentication failed for {where}: wrong user or password ({hint})")
     if isinstance(exc, asyncpg.exceptions.InvalidAuthorizationSpecificationError):
@@ -116,8 +198,10 @@ def _translate(url: str, exc: BaseException) -> UserError:
 
 
 def _check_url(url: str) -> None:
-    if not url:
-        raise UserError("no database given: pass --db postgresql://user:pass@host:5432/dbname or set GANNS_DB_URL")
+    if url == FROM_ENVIRONMENT:
+        if not _environment_names_a_database():
+            raise UserError(NO_DATABASE)
+        return
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme not in ("postgres", "postgresql"):
         raise UserError(
@@ -143,7 +227,7 @@ async def connect(url: str, *, application_name: str | None = None) -> asyncpg.C
     """One connection, for listeners, locks and migrations; errors become UserError."""
     _check_url(url)
     try:
-        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S,
+        return await asyncpg.connect(_dsn(url), timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S,
                                      server_settings=_settings(application_name))
     except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - translated for the user
         raise _translate(url, exc) from exc
@@ -161,7 +245,7 @@ class Database:
         _check_url(url)
         try:
             pool = await asyncpg.create_pool(
-                url, min_size=1, max_size=max_size, timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S,
+                _dsn(url), min_size=1, max_size=max_size, timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S,
                 server_settings=_settings(application_name),
                 # Blobs are large; don't keep statement caches of them around.
                 max_cacheable_statement_size=1024 * 15,

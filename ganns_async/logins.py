@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from ganns_async.db import connect, queries
+from ganns_async.db import connect, queries, with_environment
 from ganns_async.errors import UserError
 
 # What each kind of login is for, as ``db add-login --role`` names them.
@@ -23,12 +23,19 @@ ROLES = {"student": "worker", "instructor": "coordinator", "viewer": "viewer"}
 _CREDENTIAL_OPTIONS = {"user", "password", "passfile", "sslcert", "sslkey", "sslpassword", "service"}
 
 
-def login_url(admin_url: str, name: str, password: str | None) -> str:
+def login_url(admin_url: str, name: str, password: str | None, *, database: str | None = None) -> str:
     """``admin_url`` (same server, database and options, without the admin's credentials)
-    with the login ``name`` instead."""
-    parts = urlsplit(admin_url)
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-                       if k.lower() not in _CREDENTIAL_OPTIONS], safe="/")
+    with the login ``name`` instead. What the admin's URL leaves to libpq's variables
+    (PGHOST, PGPORT, PGDATABASE, PGSSLMODE; or all of it, for an admin connected through
+    them) is written out: the person gets the URL, not the admin's environment. ``database``
+    (the server's current_database()) names the database when nothing else does, since a
+    login's default database would be one named after the login."""
+    parts = urlsplit(with_environment(admin_url))
+    pairs = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() not in _CREDENTIAL_OPTIONS]
+    path = parts.path
+    if path in ("", "/") and not {k.lower() for k, _ in pairs} & {"dbname", "database"} and database:
+        path = "/" + quote(database, safe="")
+    query = urlencode(pairs, safe="/")
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"  # IPv6
@@ -36,7 +43,7 @@ def login_url(admin_url: str, name: str, password: str | None) -> str:
     user = quote(name, safe="")
     if password is not None:
         user += ":" + quote(password, safe="")
-    return urlunsplit((parts.scheme, f"{user}@{host}{port}", parts.path, query, parts.fragment))
+    return urlunsplit((parts.scheme, f"{user}@{host}{port}", path, query, parts.fragment))
 
 
 async def add_login(admin_url: str, name: str, role: str = "student", password: str | None = None,
@@ -49,6 +56,7 @@ async def add_login(admin_url: str, name: str, role: str = "student", password: 
     conn = await connect(admin_url, application_name="ganns-async db")
     try:
         await conn.execute(queries()["add_login"], name, password, ROLES[role])
+        database = await conn.fetchval(queries()["current_database"])
     except asyncpg.exceptions.DuplicateObjectError:
         raise UserError(f"login {name!r} exists already (on this server; logins are server-wide)") from None
     except asyncpg.exceptions.InsufficientPrivilegeError as exc:
@@ -61,4 +69,4 @@ async def add_login(admin_url: str, name: str, role: str = "student", password: 
         raise UserError(f"cannot create login {name!r}: {exc}") from None
     finally:
         await conn.close()
-    return login_url(admin_url, name, password)
+    return login_url(admin_url, name, password, database=database)

@@ -309,6 +309,11 @@ SELECT step, g_loss, d_loss, d_x, d_g_z, swd, images,
   FROM (SELECT * FROM ganns_view.metrics WHERE run_id = $1 ORDER BY step DESC LIMIT $2) AS recent
  ORDER BY step;
 
+-- name: export_metrics
+-- Every metrics row of a run, for `metrics export` (its columns: export.COLUMNS).
+SELECT run_id, step, created_at, epoch, images, units, g_loss, d_loss, d_x, d_g_z, swd
+  FROM ganns_view.metrics WHERE run_id = $1 ORDER BY step;
+
 -- name: ping
 SELECT 1;
 
@@ -372,6 +377,10 @@ SELECT * FROM workers WHERE run_id = $1 ORDER BY id;
 -- name: add_login
 -- Needs CREATEROLE: see sql/003_roles.sql (ganns_admin.add_login).
 SELECT ganns_admin.add_login($1, $2, $3);
+
+-- name: current_database
+-- The database a login's URL must name when the admin's URL left it to the environment.
+SELECT current_database();
 
 -- ---- class resources (sql/005_resources.sql) -----------------------------------------
 -- Workers tell their hardware when they register; dashboards read class-wide totals only.

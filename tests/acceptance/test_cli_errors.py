@@ -131,7 +131,8 @@ def test_bad_database_url_worker_and_coordinator(synth_zip: Path, tmp_path: Path
     assert_one_line_error(coordinator, "bad database URL", "expected postgresql://")
 
 
-def test_empty_database_url() -> None:
+def test_empty_database_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    no_database_env(monkeypatch)
     r = cli("db", "migrate", "--db", "")
     assert_one_line_error(r, "no database given", "GANNS_DB_URL")
 
@@ -244,15 +245,23 @@ def test_zip_without_images(migrated_url: str, tmp_path: Path) -> None:
 # --- options --------------------------------------------------------------------------
 
 
-def test_missing_required_option(synth_zip: Path) -> None:
+def no_database_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing that names a database: no DATABASE_URL, no libpq variables (the CLI reads both)."""
+    for key in ("DATABASE_URL", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_missing_required_option(synth_zip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_database_env(monkeypatch)
     r = cli("worker", "--data", str(synth_zip))
-    assert r.returncode == 2, r
-    assert "Traceback" not in r.stderr + r.stdout
-    assert "Missing option '--db'" in r.stderr
-    assert "GANNS_DB_URL" in r.stderr  # says the variable works too
+    # Says every way to name the database.
+    assert_one_line_error(r, "no database given", "--db", "GANNS_DB_URL", "DATABASE_URL", "PGHOST")
 
     r = cli("db", "migrate")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "--db" in r.stderr
+    assert_one_line_error(r, "no database given", "--db")
+
+    r = cli("train-local", "--max-steps", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "Missing option '--data'" in r.stderr
 
 
 def test_device_cuda_without_cuda(migrated_url: str, synth_zip: Path) -> None:

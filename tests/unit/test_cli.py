@@ -1,0 +1,68 @@
+"""The command line's own conventions: --version, shell completion, help that reads well.
+
+Typer's CliRunner runs the CLI in this process (no subprocess); what start-up imports is
+checked in tests/acceptance/test_cli_startup.py, where a fresh interpreter can tell.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import tomllib
+from collections.abc import Iterator
+
+import pytest
+from typer.testing import CliRunner
+
+from ganns_async import __version__
+from ganns_async.cli import app
+from helpers import REPO
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging() -> Iterator[None]:
+    """The root callback points logging at the runner's captured stdout; give the rest of
+    the session its handlers back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def invoke(*args: str, **kw: object):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(app, list(args), prog_name="ganns-async", **kw)
+
+
+def test_version_prints_the_installed_version() -> None:
+    r = invoke("--version")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == f"ganns-async {importlib.metadata.version('ganns-async')}\n"
+
+
+def test_version_is_eager() -> None:
+    """--version answers before a command's own options are checked (it needs no --db)."""
+    r = invoke("--version", "worker")
+    assert r.exit_code == 0 and r.stdout.startswith("ganns-async "), r.output
+
+
+def test_version_without_package_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source checkout on PYTHONPATH, never installed: the package's __version__."""
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.stdout == f"ganns-async {__version__}\n", r.output
+
+
+def test_dunder_version_matches_pyproject() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert __version__ == project["version"]
+
+
+def test_show_completion_prints_the_script_for_this_program() -> None:
+    """The script the shell sources: it calls ganns-async back with _GANNS_ASYNC_COMPLETE."""
+    r = invoke("--show-completion", "bash")
+    assert r.exit_code == 0, r.output
+    assert "_GANNS_ASYNC_COMPLETE=complete_bash" in r.stdout and "complete " in r.stdout
