@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import tempfile
@@ -164,3 +165,14 @@ def class_logins(migrated_url: str) -> Iterator[ClassLogins]:
         yield made
     finally:
         _run(drop_logins(migrated_url, made.names))
+
+
+@pytest.fixture
+def keep_logging() -> Iterator[None]:
+    """Restore the root logger after a test that runs the CLI in-process (typer's CliRunner):
+    the CLI's root callback points logging at the runner's captured stdout."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

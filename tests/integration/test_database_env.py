@@ -10,10 +10,8 @@ throwaway PostgreSQL 15 with scram-sha-256 (helpers.pg15_cluster; skipped withou
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -30,14 +28,7 @@ CLEAN = {name: None for name in ("GANNS_DB_URL", "DATABASE_URL", "PGHOST", "PGHO
                                  "PGDATABASE", "PGPASSWORD", "PGPASSFILE", "PGSERVICE", "PGSERVICEFILE")}
 
 
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    """The CLI's root callback points logging at the runner's captured stdout."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("keep_logging")
 
 
 def run_cli(*args: str, home: Path, **env: str) -> object:

@@ -10,10 +10,8 @@ import asyncio
 import csv
 import io
 import json
-import logging
 import math
 import uuid
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -36,14 +34,7 @@ ROWS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    """The CLI's root callback points logging at the runner's captured stdout."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("keep_logging")
 
 
 def export(*args: str, db: str):  # type: ignore[no-untyped-def]

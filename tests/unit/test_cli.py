@@ -7,9 +7,7 @@ checked in tests/acceptance/test_cli_startup.py, where a fresh interpreter can t
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import tomllib
-from collections.abc import Iterator
 
 import pytest
 from typer.testing import CliRunner
@@ -19,15 +17,7 @@ from ganns_async.cli import app
 from helpers import REPO
 
 
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    """The root callback points logging at the runner's captured stdout; give the rest of
-    the session its handlers back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("keep_logging")
 
 
 def invoke(*args: str, **kw: object):  # type: ignore[no-untyped-def]

@@ -4,9 +4,7 @@ coordinator refuses in one line. (A coordinator writing it: tests/acceptance/tes
 
 from __future__ import annotations
 
-import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,14 +92,6 @@ def no_tensorboard(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setitem(sys.modules, name, None)
 
 
-@pytest.fixture
-def _keep_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
 
 def test_without_the_extra_the_writer_says_which_to_install(no_tensorboard: None, tmp_path: Path) -> None:
     with pytest.raises(UserError) as err:
@@ -110,7 +100,7 @@ def test_without_the_extra_the_writer_says_which_to_install(no_tensorboard: None
     assert not any(tmp_path.iterdir())
 
 
-def test_without_the_extra_the_coordinator_refuses_before_anything(no_tensorboard: None, _keep_logging: None,
+def test_without_the_extra_the_coordinator_refuses_before_anything(no_tensorboard: None, keep_logging: None,
                                                                    tmp_path: Path) -> None:
     """One line, before the dataset is opened or the database asked (neither exists here)."""
     r = CliRunner().invoke(app, ["coordinator", "--db", "postgresql://u:pw@127.0.0.1:1/none", "--data",
