@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -263,6 +264,111 @@ def pg15_cluster(password: str | None = None) -> Iterator[str]:
         if started:
             subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], capture_output=True, timeout=60)
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- compose.yaml: what the official postgres image does with it ----------------------
+
+COMPOSE_FILE = REPO / "compose.yaml"
+INITDB_DIR = "/docker-entrypoint-initdb.d"
+# What docker-entrypoint.sh's docker_process_init_files does something with (a *.sh is run or
+# sourced, the others go through psql); it echoes "ignoring" for any other name.
+INITDB_RUNS = (".sh", ".sql", ".sql.gz", ".sql.xz", ".sql.zst")
+_DEFAULT_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?-)([^}]*)\}")
+
+
+def load_compose(path: Path = COMPOSE_FILE) -> dict:
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def compose_defaults(value: str) -> str:
+    """``value`` as compose reads it with none of the overrides set: ``${VAR:-default}`` and
+    ``${VAR-default}`` become their defaults (a ``${VAR}`` without one stays as it is)."""
+    return _DEFAULT_RE.sub(lambda m: m.group(3), value)
+
+
+def compose_environment(service: dict) -> dict[str, str]:
+    """A service's ``environment``, given as a mapping or as a list of KEY=VALUE."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def compose_mounts(service: dict) -> list[dict]:
+    """A service's ``volumes`` in compose's long syntax (type, source, target, read_only)."""
+    out = []
+    for entry in service.get("volumes") or []:
+        if isinstance(entry, dict):
+            out.append(dict(entry))
+            continue
+        parts = str(entry).split(":")
+        source, target = (parts[0], parts[1]) if len(parts) > 1 else (None, parts[0])
+        kind = "bind" if source and source[0] in "./~" else "volume"
+        out.append({"type": kind, "source": source, "target": target,
+                    "read_only": len(parts) > 2 and "ro" in parts[2].split(",")})
+    return out
+
+
+def compose_postgres_service(compose: dict) -> tuple[str, dict]:
+    """The one service that runs the official postgres image: (its name, its definition)."""
+    found = [(name, svc) for name, svc in (compose.get("services") or {}).items()
+             if image_repository(str(svc.get("image", ""))) == "postgres"]
+    assert len(found) == 1, f"expected one service on the official postgres image, found {[n for n, _ in found]}"
+    return found[0]
+
+
+def image_repository(image: str) -> str:
+    """``postgres`` for the official image however it is spelled (``docker.io/library/postgres``)."""
+    name = compose_defaults(image).split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        name = name[: len(name) - len(last)] + last.split(":", 1)[0]
+    for prefix in ("docker.io/library/", "docker.io/", "library/"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+def image_major(image: str) -> int:
+    """The PostgreSQL major version of an image reference with its defaults: ``17`` for
+    ``postgres:${GANNS_PG_VERSION:-17}``, ``postgres:17.4-bookworm`` or ``postgres:17-alpine``."""
+    tag = compose_defaults(image).split("@", 1)[0].rsplit("/", 1)[-1].partition(":")[2]
+    digits = re.match(r"(\d+)", tag)
+    assert digits, f"image {image!r} pins no major version (tag {tag!r})"
+    return int(digits.group(1))
+
+
+def compose_initdb_files(service: dict, base: Path = REPO) -> list[tuple[str, Path]]:
+    """The files the image's entrypoint runs on first start, in its order: (name in the
+    container's /docker-entrypoint-initdb.d, the file on this machine).
+
+    The entrypoint runs ``docker_process_init_files /docker-entrypoint-initdb.d/*``: the
+    shell's glob (one level, no dot files, sorted), each name by its ending (INITDB_RUNS).
+    A folder bound at the directory shows its entries; a file bound at a name inside it
+    shows as that name, over what the folder has there.
+    """
+    seen: dict[str, Path] = {}
+    mounts = compose_mounts(service)
+    for mount in sorted(mounts, key=lambda m: len(str(m.get("target", "")).rstrip("/"))):
+        target = str(mount.get("target", "")).rstrip("/")
+        if target != INITDB_DIR and not target.startswith(INITDB_DIR + "/"):
+            continue
+        assert mount.get("type") == "bind", f"{target}: only bind mounts can be read from here, not {mount}"
+        source = (base / compose_defaults(str(mount["source"]))).resolve()
+        assert source.exists(), f"{target}: bound from {source}, which does not exist"
+        if target == INITDB_DIR:
+            assert source.is_dir(), f"{INITDB_DIR} is bound to {source}, which is not a folder"
+            seen = {p.name: p for p in source.iterdir()}
+        else:
+            rest = target[len(INITDB_DIR) + 1:]
+            if "/" not in rest:  # deeper ones sit in a subfolder, which the glob does not enter
+                seen[rest] = source
+    runs = [(name, path) for name, path in seen.items()
+            if not name.startswith(".") and name.endswith(INITDB_RUNS)]
+    return [(f"{INITDB_DIR}/{name}", path) for name, path in sorted(runs)]
 
 
 # --- terminal safety ------------------------------------------------------------------
