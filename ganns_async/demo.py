@@ -38,14 +38,18 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
+def stop_on_signals() -> list[str]:
+    """SIGTERM and SIGHUP (a closed terminal) stop the demo like Ctrl-C, so the embedded
+    server is never left behind; returns the signals this platform has (Windows: no SIGHUP)."""
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    for name in names:
+        signal.signal(getattr(signal, name), _interrupt)
+    return names
+
+
 def run_demo(opts: DemoOptions) -> None:
-    # Ctrl-C reaches the children too (same process group); SIGTERM and SIGHUP to us
-    # should behave the same way, so turn them into KeyboardInterrupt. Windows has no
-    # SIGHUP (and its SIGTERM cannot be sent by another process, but setting it is harmless).
-    for name in ("SIGTERM", "SIGHUP"):  # also a closed terminal: never leave a server behind
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            signal.signal(sig, _interrupt)
+    # Ctrl-C reaches the children too (same process group).
+    stop_on_signals()
     opts.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     if opts.db_url:

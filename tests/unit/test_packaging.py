@@ -60,3 +60,20 @@ def test_readme_installs_the_demo_extra() -> None:
         "python3.11 -m venv .venv && . .venv/bin/activate && pip install '.[test]' && pytest",
     ]
     assert commands[1] in (REPO / ".ci" / "run").read_text()
+
+
+def test_demo_signals_on_a_platform_without_sighup(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from ganns_async import demo
+
+    previous = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGTERM", "SIGHUP")}
+    try:
+        assert demo.stop_on_signals() == ["SIGTERM", "SIGHUP"]
+        monkeypatch.delattr(signal, "SIGHUP")  # as on Windows
+        assert demo.stop_on_signals() == ["SIGTERM"]
+        assert signal.getsignal(signal.SIGTERM) is demo._interrupt
+    finally:
+        monkeypatch.undo()
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
