@@ -146,7 +146,8 @@ async def join(db_url: str, data: str, name: str | None = None, *, device: str =
     """Run a worker in this notebook until the cell is stopped (or ``max_units`` are done).
 
     Use it with ``await`` in a cell (Jupyter, Colab and Kaggle run top-level ``await``).
-    Stopping the cell gives the unit in hand back at once. Returns the units done.
+    Stopping the cell (its stop button, or Interrupt) gives the unit in hand back at once
+    and ends the cell without an error. Returns the units done.
     """
     from ganns_async.worker import Worker, WorkerOptions
 
@@ -168,8 +169,10 @@ async def join(db_url: str, data: str, name: str | None = None, *, device: str =
         if task.done():
             task.result()  # an error ends the cell with its one-line message
     except (KeyboardInterrupt, asyncio.CancelledError):
+        # The cell's stop button: Jupyter cancels the cell (or raises KeyboardInterrupt).
+        # Stopping is what the student asked for, not an error: give the unit back below
+        # and end the cell quietly instead of with a traceback.
         report._say("stopping: giving the current unit back ...")
-        raise
     finally:
         stopper.cancel()
         if not task.done():

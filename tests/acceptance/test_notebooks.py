@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import pytest
 from nbclient import NotebookClient
 
 from fakehub import FakeHub
-from helpers import REPO, _fetch, _spawn, _stop
+from helpers import REPO, _fetch, _spawn, _stop, _wait_for_worker_state
 
 NOTEBOOKS = REPO / "notebooks"
 
@@ -108,6 +111,48 @@ def test_worker_notebook_joins_a_class_and_trains(migrated_url: str, synth_zip: 
     assert len(gets) == 1 and gets[0]["path"].endswith("/data/faces.zip")
     state = asyncio.run(_fetch(migrated_url, "SELECT state FROM workers WHERE name = 'nb-student'"))
     assert [r["state"] for r in state] == ["offline"], "stopping the cell says goodbye"
+
+
+@pytest.mark.slow(40)
+def test_stopping_the_worker_cell_gives_the_unit_back(migrated_url: str, synth_zip: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stop button (a kernel interrupt) in the middle of a unit: the cell ends without an
+    error, the unit goes back to the pool at once, and the worker says goodbye."""
+    monkeypatch.setenv("GANNS_DB_URL", migrated_url)
+    monkeypatch.setenv("GANNS_NAME", "nb-stopper")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    coordinator = _spawn("coordinator", "--db", migrated_url, "--data", str(synth_zip), "--local-steps", "16",
+                         "--unit-size", "16", "--max-steps", "20", "--eval-every", "0", "--spot-check", "0",
+                         "--out", str(tmp_path / "out"), log=tmp_path / "coordinator.log")
+    nb = nbformat.read(NOTEBOOKS / "worker.ipynb", as_version=4)
+    _set_parameters(nb, DATA=str(synth_zip), DEVICE="cpu", MAX_UNITS=None)
+    client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    try:
+        with client.setup_kernel():
+            for i in code[:-1]:
+                client.execute_cell(nb.cells[i], i)
+
+            def stop_when_computing() -> None:
+                asyncio.run(_wait_for_worker_state(migrated_url, "nb-stopper", "computing"))
+                client.km.provisioner.process.send_signal(signal.SIGINT)  # Jupyter's Interrupt
+
+            stopper = threading.Thread(target=stop_when_computing, daemon=True)
+            stopper.start()
+            t0 = time.monotonic()
+            client.execute_cell(nb.cells[code[-1]], code[-1])  # ends without an error
+            took = time.monotonic() - t0
+            stopper.join(10)
+    finally:
+        _stop(coordinator)
+    text = "".join(o.get("text", "") for o in nb.cells[code[-1]].outputs)
+    assert "stopping: giving the current unit back" in text and "stopped after" in text, text
+    assert took < 120, took
+    held = asyncio.run(_fetch(migrated_url, "SELECT id FROM work_units WHERE state = 'claimed'"))
+    assert held == [], "the unit in hand went back at once, no lease to wait out"
+    state = asyncio.run(_fetch(migrated_url, "SELECT state FROM workers WHERE name = 'nb-stopper'"))
+    assert [r["state"] for r in state] == ["offline"]
 
 
 def test_worker_notebook_without_a_url_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
