@@ -31,6 +31,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from ganns_async.data import write_synthetic  # noqa: E402
+from fakehub import FakeHub  # noqa: E402
 from helpers import ClassLogins, _make_logins, _run, drop_logins, fresh_database  # noqa: E402
 
 # Coordinators started by the tests measure SWD on 64 images instead of 512: the
@@ -176,3 +177,20 @@ def keep_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+def fake_hub() -> Iterator[FakeHub]:
+    """A fake Hugging Face Hub on 127.0.0.1 (tests/fakehub.py), for one test.
+
+    Code under test reaches it through ``endpoint=`` or ``HF_ENDPOINT``; huggingface_hub's
+    import-time ``constants.ENDPOINT`` is left alone (tests/unit/test_hub.py guards against
+    any other address).
+    """
+    server = FakeHub()
+    server.thread.start()
+    try:
+        yield server
+    finally:
+        server.server.shutdown()
+        server.server.server_close()

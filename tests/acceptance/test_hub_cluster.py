@@ -26,14 +26,6 @@ def hub_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def fake_hub() -> FakeHub:
-    server = FakeHub()
-    server.thread.start()
-    yield server
-    server.server.shutdown()
-    server.server.server_close()
-
 
 def test_worker_trains_on_hf_data_and_coordinator_pushes(migrated_url: str, synth_zip: Path, tmp_path: Path,
                                                           fake_hub: FakeHub, hub_env: dict[str, str],

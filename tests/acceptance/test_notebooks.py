@@ -65,14 +65,6 @@ def test_notebooks_are_valid_and_clean() -> None:
         assert [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])], path.name
 
 
-@pytest.fixture
-def fake_hub() -> Any:
-    server = FakeHub()
-    server.thread.start()
-    yield server
-    server.server.shutdown()
-    server.server.server_close()
-
 
 @pytest.mark.slow(60)
 def test_worker_notebook_joins_a_class_and_trains(migrated_url: str, synth_zip: Path, tmp_path: Path,

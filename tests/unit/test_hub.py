@@ -57,19 +57,6 @@ def _isolated_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
     close_session()
 
 
-@pytest.fixture
-def fake_hub() -> Iterator[FakeHub]:
-    # Not patched: huggingface_hub.constants.ENDPOINT. hf_hub_url() swaps the prefix of the
-    # import-time URL template for ``endpoint=`` only while the two still agree; stray calls to
-    # the default endpoint hit the loopback guard instead.
-    server = FakeHub()
-    server.thread.start()
-    try:
-        yield server
-    finally:
-        server.server.shutdown()
-        server.server.server_close()
-
 
 @pytest.fixture
 def no_retry_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
