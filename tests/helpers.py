@@ -134,6 +134,25 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, **k
     )
 
 
+def cli_in_process(*args: str, env: dict[str, str] | None = None, **_: object) -> subprocess.CompletedProcess[str]:
+    """The CLI in this process (typer's CliRunner), answered like :func:`cli`: for the quick
+    cases that need no subprocess. An exception that escaped the CLI counts as a traceback
+    on stderr with exit 1, as it would in a real process. Use with the ``keep_logging``
+    fixture (the root callback points logging at the captured stderr)."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from ganns_async.cli import app
+
+    result = CliRunner().invoke(app, list(args), env=env, catch_exceptions=True)
+    stderr, code = result.stderr, result.exit_code
+    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+        code = 1
+    return subprocess.CompletedProcess(list(args), code, result.stdout, stderr)
+
+
 def _spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
     fh = open(log, "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([*PY, *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
@@ -390,3 +409,34 @@ def _render(renderable: object) -> str:
     console = Console(record=True, width=120, color_system="truecolor", force_terminal=True)
     console.print(renderable)
     return console.export_text(clear=False)
+
+
+# --- one-line errors (tests/unit/test_cli_errors_no_server.py, tests/acceptance/test_cli_errors.py) ---
+
+UNREACHABLE = "postgresql://u:secretpw@127.0.0.1:1/db"  # port 1: connection refused
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> str:
+    """Non-zero exit, exactly one stderr line `error: ...` holding every word, no traceback."""
+    assert r.returncode != 0, f"exit 0:\n{r.stdout}\n{r.stderr}"
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{r.stderr}"
+    line = lines[0]
+    assert line.startswith("error: "), line
+    for w in words:
+        assert w.lower() in line.lower(), f"{w!r} not in {line!r}"
+    return line
+
+
+def no_ganns_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI reads GANNS_* variables: none from the caller's shell may leak into a case."""
+    for key in list(os.environ):
+        if key.startswith("GANNS_"):
+            monkeypatch.delenv(key)
+
+
+def no_database_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No database named by the environment either (DATABASE_URL, libpq's PG* variables)."""
+    for key in ("DATABASE_URL", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE"):
+        monkeypatch.delenv(key, raising=False)
