@@ -20,7 +20,7 @@ import pytest
 from ganns_async.db import Database
 from ganns_async.embedded import psql_binary
 from ganns_async.migrate import require_migrated
-from helpers import PG15_BIN, REPO, cli, fresh_database, pg15_cluster
+from helpers import PG15_BIN, REPO, assert_one_line_error, cli, fresh_database, pg15_cluster
 
 SQL_FILES = sorted(p for p in (REPO / "sql").iterdir() if p.suffix == ".sql" and p.name[:3].isdigit())
 
@@ -167,17 +167,6 @@ async def _require_migrated(url: str) -> None:
     finally:
         await db.close()
 
-
-def assert_one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> str:
-    assert r.returncode != 0, r
-    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{r.stderr}"
-    line = lines[0]
-    assert line.startswith("error: "), line
-    for w in words:
-        assert w in line, f"{w!r} not in {line!r}"
-    return line
 
 
 # --- CLI and psql agree ---------------------------------------------------------------
