@@ -60,8 +60,9 @@ def test_coordinator_and_two_workers_train_and_checkpoint_loads(class_logins: Cl
     ]
     try:
         for label, _url, login in students:
-            # The server names a student's worker after the login.
-            asyncio.run(_wait_for_worker_state(migrated_url, f"{login}/{label}", "idle"))
+            # The server names a student's worker after the login. With no run yet a worker
+            # reports `waiting` (a freshly registered row says `idle` only until its first write).
+            asyncio.run(_wait_for_worker_state(migrated_url, f"{login}/{label}", "waiting"))
         coord = cli("coordinator", "--db", class_logins.instructor, *data, "--no-tui", "--max-steps", "3", "--unit-size", "16", "--local-steps", "1", "--max-staleness", "1",
                     "--units-per-step", "2", "--checkpoint-every", "1", "--eval-n", "64", "--out", str(out),
                     timeout=300)
