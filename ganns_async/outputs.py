@@ -64,11 +64,13 @@ def write_generator(trainer: Trainer, out: Path, card_info: Mapping[str, Any]) -
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".generator-", dir=out))
     try:
-        trainer.sampler.save_pretrained(tmp)  # config.json + model.safetensors (and a stock card, unused)
+        fresh = render_card(card_info)
+        # Our card first: save_pretrained keeps a README.md it finds instead of rendering its own.
+        (tmp / "README.md").write_text(fresh, encoding="utf-8")
+        trainer.sampler.save_pretrained(tmp)  # config.json + model.safetensors
         for name in ("model.safetensors", "config.json"):
             os.chmod(tmp / name, 0o644)  # safetensors creates its file 0600; the folder is for sharing
             os.replace(tmp / name, folder / name)
-        fresh = render_card(card_info)
         with CARD_LOCK:
             card = folder / "README.md"
             previous = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None

@@ -440,3 +440,15 @@ def no_database_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No database named by the environment either (DATABASE_URL, libpq's PG* variables)."""
     for key in ("DATABASE_URL", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE"):
         monkeypatch.delenv(key, raising=False)
+
+
+async def require_migrated_at(url: str) -> None:
+    """ganns_async.migrate.require_migrated on a connection of its own."""
+    from ganns_async.db import Database
+    from ganns_async.migrate import require_migrated
+
+    db = await Database.open(url)
+    try:
+        await require_migrated(db)
+    finally:
+        await db.close()

@@ -16,11 +16,17 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from helpers import (
+    PG15_BIN,
+    REPO,
+    assert_one_line_error,
+    cli,
+    fresh_database,
+    pg15_cluster,
+    require_migrated_at,
+)
 
-from ganns_async.db import Database
 from ganns_async.embedded import psql_binary
-from ganns_async.migrate import require_migrated
-from helpers import PG15_BIN, REPO, assert_one_line_error, cli, fresh_database, pg15_cluster
 
 SQL_FILES = sorted(p for p in (REPO / "sql").iterdir() if p.suffix == ".sql" and p.name[:3].isdigit())
 
@@ -160,13 +166,6 @@ def file_checksum(name: str) -> str:
     return hashlib.sha256((REPO / "sql" / f"{name}.sql").read_text(encoding="utf-8").encode("utf-8")).hexdigest()
 
 
-async def _require_migrated(url: str) -> None:
-    db = await Database.open(url)
-    try:
-        await require_migrated(db)
-    finally:
-        await db.close()
-
 
 
 # --- CLI and psql agree ---------------------------------------------------------------
@@ -215,7 +214,7 @@ def test_psql_migration_then_cli_records_checksum(db_url: str) -> None:
     assert "applied (by psql)" in line
 
     # Coordinator and workers accept a psql-migrated database as it is.
-    _run(_require_migrated(db_url))
+    _run(require_migrated_at(db_url))
 
     r = cli("db", "migrate", "--db", db_url)
     assert r.returncode == 0, r.stderr
@@ -227,7 +226,7 @@ def test_psql_migration_then_cli_records_checksum(db_url: str) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("001_schema"))
     assert "applied" in line and "by psql" not in line and "CHANGED" not in line
-    _run(_require_migrated(db_url))
+    _run(require_migrated_at(db_url))
 
 
 def test_checksum_mismatch_is_refused(migrated_url: str) -> None:
@@ -307,8 +306,8 @@ def test_postgresql_15() -> None:
             assert_schema_content(s_cli)
             assert s_cli == s_psql
 
-            _run(_require_migrated(by_cli))
-            _run(_require_migrated(by_psql))
+            _run(require_migrated_at(by_cli))
+            _run(require_migrated_at(by_psql))
             r = cli("db", "status", "--db", by_psql)
             assert r.returncode == 0 and "applied (by psql)" in r.stdout, r.stdout + r.stderr
 
