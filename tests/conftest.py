@@ -43,6 +43,11 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ganns-test-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # xdist's worker processes end without running atexit handlers: remove the cache here.
+    shutil.rmtree(os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _run_lock(run: str) -> Iterator[Path]:
     """An exclusive lock shared by the xdist workers of one test run (``run``: xdist's
