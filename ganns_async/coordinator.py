@@ -49,6 +49,7 @@ from ganns_async.db import (
     Database,
     Listener,
     RunLock,
+    lost_connection,
 )
 from ganns_async.errors import UserError
 from ganns_async.evaluation import Evaluator
@@ -163,7 +164,7 @@ class Coordinator:
 
     async def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
         """``fn`` (safe to repeat) until the database answers: one policy for the whole process."""
-        return await retrying(fn, log=log, what=f"{what}: database unavailable", retry_on=CONNECTION_ERRORS)
+        return await retrying(fn, log=log, what=f"{what}: database unavailable", retry_if=lost_connection)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -186,12 +187,15 @@ class Coordinator:
         self.store = CoordinatorStore(self.db)
         finished = False
         try:
-            await require_migrated(self.db)
+            # The first connection above fails fast: a wrong URL or login is the operator's to
+            # fix. From here on the server was reachable, so losing it means back off and go on,
+            # during start-up as after it (every start-up step is safe to repeat).
+            await self._retry("checking the schema", lambda: require_migrated(self.db))
             self.listener = Listener(opts.db_url, [GRADIENTS_CHANNEL, CONTROL_CHANNEL], self._notify,
                                      self._reconnected, application_name=APPLICATION_NAME)
-            self.side.watch(await self.listener.start())
+            self.side.watch(await self._retry("listening", self.listener.start))
             if opts.resume:
-                await self._resume()
+                await self._retry("resuming the run", self._resume)
             else:
                 await self._start_new()
             assert self.run_id is not None
@@ -203,8 +207,9 @@ class Coordinator:
             # The largest blob a worker may store (the server refuses bigger ones before the
             # coordinator ever reads them), and how long it may hold a unit.
             budget = codec.spec_budget(gradient_spec(self.trainer.g, self.trainer.d))
-            await self.store.set_limits(self.run_id, max_payload=budget + budget // 64 + 4096,
-                                        max_unit_s=opts.step_timeout)
+            run_id = self.run_id
+            await self._retry("setting the run's limits", lambda: self.store.set_limits(
+                run_id, max_payload=budget + budget // 64 + 4096, max_unit_s=opts.step_timeout))
             self.intake = GradientIntake(self.store, self.book, run_id=self.run_id, trainer=self.trainer,
                                          config=self.cfg, fold_thread=self._executor,
                                          event=self._event, spot_check=opts.spot_check)
@@ -288,26 +293,45 @@ class Coordinator:
             cfg.check()
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        old = await self.store.stop_active_run()
-        if old is not None:
-            log.info("run %s was still active: marked stopped (use --resume to continue a run)", old)
-        run = await self.store.create_run(cfg.to_json(), self.dataset.fingerprint, len(self.dataset))
-        self.run_id = run.id
-        await self._take_lock(run.id)
         self.trainer = Trainer(cfg)
         self.trainer_version = 0
         self.images_seen = 0
         self.book = self._new_book(0, 0)
         weights, optimizer = await self._in_thread(self._encode, 0, True, 0, 0)
-        await self.store.write_weights(run.id, 0, weights, optimizer)
+        config_json, fingerprint = cfg.to_json(), self.dataset.fingerprint
+        newest = await self._retry("starting a run", self.store.newest_run_id)
+        attempts = 0
+
+        async def create() -> int:
+            # Safe to repeat: a retry first looks for the run that a lost reply created.
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1 and (mine := await self.store.run_created_since(newest, config_json, fingerprint)):
+                return mine.id
+            old = await self.store.stop_active_run()
+            if old is not None:
+                log.info("run %s was still active: marked stopped (use --resume to continue a run)", old)
+            return (await self.store.create_run(config_json, fingerprint, len(self.dataset))).id
+
+        run_id = self.run_id = await self._retry("creating the run", create)
+        await self._take_lock(run_id)
+        await self._retry("writing the first weights", lambda: self.store.write_weights(run_id, 0, weights, optimizer))
         self.state_version = 0
-        rounds = await self._rounds_to_queue(0)
-        await self.store.reopen(run.id, step=0, units=self._plan(rounds, 0), next_seq=rounds[-1].end, images_seen=0)
-        self.book.queued(rounds)
-        await self._event("run", f"run {run.id} started: {len(self.dataset)} images; {self._describe()}")
+
+        async def queue() -> list[Round]:
+            rounds = await self._rounds_to_queue(0)
+            await self.store.reopen(run_id, step=0, units=self._plan(rounds, 0), next_seq=rounds[-1].end,
+                                    images_seen=0)
+            return rounds
+
+        self.book.queued(await self._retry("queueing the first units", queue))
+        await self._retry("logging", lambda: self._event(
+            "run", f"run {run_id} started: {len(self.dataset)} images; {self._describe()}"))
         self._publish()
 
     async def _resume(self) -> None:
+        """Safe to repeat (its writes set absolute positions and insert units ON CONFLICT DO
+        NOTHING): start-up retries it whole after a lost connection."""
         run = await self.store.latest_run()
         if run is None:
             raise UserError("nothing to resume: the database holds no run (start one without --resume)")
@@ -368,9 +392,12 @@ class Coordinator:
 
     async def _take_lock(self, run_id: int) -> None:
         """One coordinator per run; the lock is kept (taken again after a lost connection)."""
-        self._lock = RunLock(self.opts.db_url, run_id, application_name=APPLICATION_NAME)
-        if not await self._lock.acquire():
-            self._lock = None
+        if self._lock is not None:
+            return  # a start-up step is being repeated; the lock is ours and kept
+        lock = RunLock(self.opts.db_url, run_id, application_name=APPLICATION_NAME)
+        if await self._retry("taking the run lock", lock.acquire):
+            self._lock = lock
+        else:
             raise UserError(f"run {run_id} is being coordinated by another process (it holds the run's lock); "
                             "stop that coordinator first")
         self.side.start(self._lock.keep(), "run-lock")

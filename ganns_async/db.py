@@ -58,6 +58,16 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InternalClientError,
 )
 
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """The server went away (a connection error, or a reconnect refused because the server is
+    down or starting up), as opposed to a wrong URL, login or database, which retrying
+    cannot fix. :func:`connect` turns errors into UserError; the cause tells them apart."""
+    cause = exc.__cause__ if isinstance(exc, UserError) else exc
+    return isinstance(cause, CONNECTION_ERRORS)
+
+
 _NAME_RE = re.compile(r"^--\s*name:\s*(\S+)\s*$", re.MULTILINE)
 
 

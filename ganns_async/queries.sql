@@ -26,6 +26,16 @@ INSERT INTO runs (config, dataset_fingerprint, dataset_size)
 VALUES ($1::jsonb, $2, $3)
 RETURNING *;
 
+-- name: newest_run_id
+SELECT coalesce(max(id), 0) FROM runs;
+
+-- name: run_created_since
+-- After a lost reply to create_run: the run that INSERT made, if it committed. Only one
+-- process can then take its lock, so two coordinators starting at once never share it.
+SELECT * FROM runs
+ WHERE id > $1 AND config = $2::jsonb AND dataset_fingerprint = $3 AND step = 0
+ ORDER BY id DESC LIMIT 1;
+
 -- name: get_run
 SELECT * FROM runs WHERE id = $1;
 

@@ -62,8 +62,10 @@ def describe_error(exc: BaseException) -> str:
 
 
 async def retrying(fn: Callable[[], Awaitable[T]], *, log: logging.Logger, what: str,
-                   retry_on: tuple[type[BaseException], ...], backoff: Backoff | None = None) -> T:
-    """Call ``fn`` until it returns, waiting by ``backoff`` after each ``retry_on`` error.
+                   retry_on: tuple[type[BaseException], ...] = (),
+                   retry_if: Callable[[BaseException], bool] | None = None, backoff: Backoff | None = None) -> T:
+    """Call ``fn`` until it returns, waiting by ``backoff`` after each error that is one of
+    ``retry_on`` or that ``retry_if`` accepts.
 
     ``fn`` must be safe to repeat: the error may have come after its commit (the reply was
     lost, not the work). Anything else, and cancellation, goes straight through.
@@ -72,7 +74,9 @@ async def retrying(fn: Callable[[], Awaitable[T]], *, log: logging.Logger, what:
     while True:
         try:
             return await fn()
-        except retry_on as exc:
+        except Exception as exc:
+            if not (isinstance(exc, retry_on) or (retry_if is not None and retry_if(exc))):
+                raise
             await backoff.wait(log, what, exc)
 
 

@@ -123,6 +123,16 @@ class CoordinatorStore:
         await self.db.execute("set_run_status", row["id"], "stopped")
         return int(row["id"])
 
+    async def newest_run_id(self) -> int:
+        """The highest run id so far (0 when there is none)."""
+        return int(await self.db.fetchval("newest_run_id"))
+
+    async def run_created_since(self, after_id: int, config_json: str, fingerprint: str) -> RunRow | None:
+        """A run newer than ``after_id`` with this config and data, still at step 0: the one
+        our own create_run made when its reply was lost."""
+        row = await self.db.fetchrow("run_created_since", after_id, config_json, fingerprint)
+        return RunRow.of(row) if row is not None else None
+
     async def create_run(self, config_json: str, fingerprint: str, size: int) -> RunRow:
         row = await self.db.fetchrow("create_run", config_json, fingerprint, size)
         assert row is not None

@@ -266,6 +266,25 @@ def test_cut_in_the_middle_of_a_publish(cluster: Cluster, expected: dict[str, to
     assert "publishing step" in cluster.log()  # the retry said so
 
 
+@pytest.mark.parametrize("where", ["reply to creating the run", "writing the first weights"])
+def test_cut_while_the_coordinator_starts(cluster: Cluster, expected: dict[str, torch.Tensor], where: str) -> None:
+    """Start-up retries too. The harder case: the run's INSERT commits but its reply is lost,
+    so the coordinator cannot know the run exists; its retry must find that run instead of
+    leaving it behind and making another (assert_exact checks there is exactly one run)."""
+    if where == "reply to creating the run":
+        # The first run row to come down is create_run's reply (the database has no run
+        # before it); the server sends it with ReadyForQuery, after the commit.
+        cut = cluster.coordinator_proxy.cut_when(lambda d, chunk, _c: d == "down" and b'"max_staleness"' in chunk)
+    else:
+        cut = cluster.coordinator_proxy.cut_when(lambda d, chunk, _c: d == "up" and b"INSERT INTO weights" in chunk)
+    cluster.start_coordinator()
+    cluster.start_workers("w1", "w2")
+    cluster.assert_exact(expected)
+    assert cut.fired.is_set()
+    assert ("creating the run: database unavailable" if where.startswith("reply") else
+            "writing the first weights: database unavailable") in cluster.log()
+
+
 def test_coordinator_killed_in_the_middle_of_a_publish_then_resumed(cluster: Cluster,
                                                                    expected: dict[str, torch.Tensor]) -> None:
     coordinator = cluster.start_coordinator()

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from ganns_async.db import connect, lost_connection
 from ganns_async.errors import UserError
 from ganns_async.hub import push_backoff
 from ganns_async.retry import Backoff, SideTaskDied, SideTasks, retrying
@@ -53,6 +54,41 @@ def test_retrying_repeats_only_the_listed_errors() -> None:
             await retrying(broken, log=log, what="x", retry_on=(OSError,), backoff=fast)
 
     asyncio.run(main())
+
+
+def test_a_server_that_went_away_is_retried_a_wrong_login_is_not(tmp_path) -> None:
+    """connect() turns errors into one-line UserErrors; lost_connection reads the cause, so
+    start-up retries a server that is down or restarting but not a mistake in the URL."""
+    async def refused() -> BaseException:
+        # A socket path with no server behind it: the connection is refused.
+        with pytest.raises(UserError) as info:
+            await connect(f"postgresql://u@/db?host={tmp_path}&port=1")
+        return info.value
+
+    down = asyncio.run(refused())
+    assert lost_connection(down) and lost_connection(ConnectionResetError())
+    assert not lost_connection(UserError("database does not exist at ..."))
+    assert not lost_connection(ValueError("a bug"))
+
+    attempts = []
+
+    async def starting() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise down
+        return "started"
+
+    async def wrong_login() -> None:
+        raise UserError("authentication failed")
+
+    async def main() -> None:
+        fast = Backoff(base=0.001, cap=0.002)
+        assert await retrying(starting, log=log, what="x", retry_if=lost_connection, backoff=fast) == "started"
+        with pytest.raises(UserError, match="authentication"):
+            await retrying(wrong_login, log=log, what="x", retry_if=lost_connection, backoff=fast)
+
+    asyncio.run(main())
+    assert len(attempts) == 2
 
 
 def test_a_dead_side_task_stops_the_main_task_with_its_reason() -> None:
