@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torchvision import transforms
 
 from ganns_async.errors import UserError
 
@@ -40,15 +39,26 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 _SYNTH_HINT = "make one with `ganns-async data synth --out PATH.zip`"
 
-# Same pipeline as the DCGAN tutorial (Resize on a PIL image is bilinear with antialiasing).
-_TRANSFORM = transforms.Compose(
-    [
-        transforms.Resize(IMAGE_SIZE, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
-        transforms.CenterCrop(IMAGE_SIZE),
-        transforms.ToTensor(),
-        transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    ]
-)
+
+def preprocess(rgb: Image.Image) -> torch.Tensor:
+    """An RGB image as the model sees it: the DCGAN tutorial's (and the model card's)
+    ``Resize(64)`` (bilinear, antialiased), ``CenterCrop(64)``, ``ToTensor()``,
+    ``Normalize((0.5,) * 3, (0.5,) * 3)``, computed as torchvision computes them on a PIL
+    image, bit for bit (tests/unit/test_data.py compares the two on many shapes).
+
+    Written out instead of imported because importing torchvision costs a worker about
+    1.5 s of start-up (it loads torch._dynamo and sympy), for four lines of arithmetic.
+    """
+    w, h = rgb.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = IMAGE_SIZE, int(IMAGE_SIZE * long / short)  # torchvision truncates
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        rgb = rgb.resize((new_w, new_h), Image.BILINEAR)  # what torchvision asks PIL for
+    top, left = int(round((new_h - IMAGE_SIZE) / 2.0)), int(round((new_w - IMAGE_SIZE) / 2.0))
+    rgb = rgb.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
+    pixels = torch.from_numpy(np.array(rgb, np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    return pixels.to(torch.float32).div(255).sub_(0.5).div_(0.5)
 
 
 class _ClosedError(RuntimeError):
@@ -218,7 +228,7 @@ class ImageDataset:
             except Exception:  # corrupt/truncated/empty image, CRC error, vanished file
                 bad.append(i)
                 continue
-            tensors.append(_TRANSFORM(rgb))
+            tensors.append(preprocess(rgb))
         if not tensors:
             return torch.empty((0, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32), bad
         return torch.stack(tensors), bad

@@ -129,6 +129,23 @@ def test_matches_dcgan_tutorial_transform(synth_zip: Path) -> None:
     assert torch.equal(x[0], ref)
 
 
+@pytest.mark.parametrize("size", [(178, 218), (218, 178), (64, 64), (65, 64), (64, 65), (63, 200), (30, 40),
+                                  (1, 1), (3, 700), (700, 3), (1000, 999), (250, 250), (127, 129)])
+def test_preprocess_equals_torchvision_bit_for_bit(size: tuple[int, int]) -> None:
+    """The written-out transform against torchvision's, on shapes that exercise each rounding
+    (truncated long side, the centre crop's round, upscaling, no resize at all)."""
+    from torchvision import transforms
+
+    tf = transforms.Compose([
+        transforms.Resize(64), transforms.CenterCrop(64), transforms.ToTensor(),
+        transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ])
+    g = torch.Generator().manual_seed(size[0] * 7919 + size[1])
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=g).numpy()
+    img = Image.fromarray(pixels, "RGB")
+    assert torch.equal(data.preprocess(img), tf(img))
+
+
 def test_corrupt_images_skipped(synth_zip: Path, tmp_path: Path) -> None:
     bad_zip = tmp_path / "bad.zip"
     with zipfile.ZipFile(synth_zip) as src, zipfile.ZipFile(bad_zip, "w") as dst:
