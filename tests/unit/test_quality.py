@@ -222,7 +222,7 @@ def test_fid_network_has_pytorch_fid_structure() -> None:
 
 
 def test_fid_loads_weights_strictly(fid_weights: Path, faces: torch.Tensor) -> None:
-    a = faces[:8]
+    a = faces[:4]  # Inception at 299x299 is the cost here: 4 images show same vs different
     b = torch.rand(a.shape, generator=torch.Generator().manual_seed(3)) * 2 - 1
     same = fid_from_weights(a, a.clone(), fid_weights)
     diff = fid_from_weights(a, b, fid_weights)
