@@ -39,20 +39,19 @@ def local_state(synth_zip: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     return _train_local(synth_zip, tmp_path)
 
 
-@pytest.mark.slow(55)
-def test_one_worker_two_workers_and_train_local_agree(migrated_url: str, synth_zip: Path, tmp_path: Path,
-                                                      local_state: dict[str, torch.Tensor]) -> None:
-    one = _distributed(migrated_url, synth_zip, tmp_path / "one", 1, tmp_path)  # --local-steps 1: exact mode
+@pytest.mark.slow(30)
+def test_two_workers_through_the_cli_agree_with_train_local(migrated_url: str, synth_zip: Path, tmp_path: Path,
+                                                            local_state: dict[str, torch.Tensor]) -> None:
+    """The real CLI in exact mode (--local-steps 1). One worker, and a worker leaving
+    mid-unit, are checked in one process (tests/integration/test_class_in_one_loop.py)."""
     two = _distributed(migrated_url, synth_zip, tmp_path / "two", 2, tmp_path)
-    print(f"max |diff|: one-vs-local {_max_diff(one, local_state):.3g}, two-vs-local {_max_diff(two, local_state):.3g}")
-    assert _max_diff(one, local_state) <= 1e-5
+    print(f"max |diff| two-vs-local {_max_diff(two, local_state):.3g}")
     assert _max_diff(two, local_state) <= 1e-5
-    assert _max_diff(one, two) <= 1e-5
     # Not vacuous: training moved the weights away from their initial values.
     from ganns_async.model import build_models
 
     g0, _ = build_models(SEED)
-    assert float((g0.main[0].weight - local_state["G.main.0.weight"]).abs().max()) > 1e-4
+    assert float((g0.main[0].weight.detach() - local_state["G.main.0.weight"]).abs().max()) > 1e-4
 
 
 @pytest.mark.slow(55)
