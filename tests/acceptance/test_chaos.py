@@ -300,8 +300,13 @@ def test_coordinator_killed_in_the_middle_of_a_publish_then_resumed(cluster: Clu
     cut = cluster.coordinator_proxy.cut_when(kill_at_commit)
     assert coordinator.wait(180) == -signal.SIGKILL
     assert cut.fired.is_set()
+    # And the resume itself loses its connection as it rewinds (the start-up retries it whole).
+    rewind = cluster.coordinator_proxy.cut_when(
+        lambda d, chunk, _c: d == "up" and b"DELETE FROM work_units WHERE run_id = $1 AND step >=" in chunk)
     cluster.start_coordinator("--resume", log="resumed")
     cluster.assert_exact(expected)
+    assert rewind.fired.is_set()
+    assert "resuming the run: database unavailable" in cluster.log("resumed")
     assert "resumed at step" in cluster.log("resumed")
 
 
