@@ -327,19 +327,23 @@ class RunLock:
         self.retaken = 0  # how many times the lock was taken again after a lost connection
         self.lost_to_rival = False  # another session took it: the run is not ours to touch
         self._conn: asyncpg.Connection | None = None
-        self._pid: int | None = None  # our backend, to tell our own stale session from a rival
+        # Every backend we asked for the lock: one of ours may still hold it after a cut link
+        # (the server has not noticed yet), even one whose reply to the lock query was lost.
+        self._pids: set[int] = set()
         self._lost = asyncio.Event()
 
     async def acquire(self) -> bool:
         """Take the lock; False when another session holds it."""
         conn = await connect(self.url, application_name=self.application_name)
+        earlier = set(self._pids)
+        self._pids.add(conn.get_server_pid())  # known from the handshake, before any query
         try:
             got = await conn.fetchval(queries()["try_lock_run"], self.run_id)
-            if not got and self._pid is not None:
+            if not got and earlier:
                 # After a cut link our old session may linger on the server, still holding
                 # the lock; it is ours to end (same role), not a rival's.
                 holder = await conn.fetchval(queries()["run_lock_holder"], self.run_id)
-                if holder == self._pid:
+                if holder in earlier:
                     await conn.fetchval(queries()["end_backend"], holder)
                     for _ in range(50):
                         if await conn.fetchval(queries()["try_lock_run"], self.run_id):
@@ -354,7 +358,7 @@ class RunLock:
             return False
         self._lost.clear()
         conn.add_termination_listener(lambda _c: self._lost.set())
-        self._conn, self._pid = conn, conn.get_server_pid()
+        self._conn, self._pids = conn, {conn.get_server_pid()}  # older ones have let go
         return True
 
     async def keep(self) -> None:
