@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import asyncpg
 import pytest
 import torch
 
 from ganns_async.coordinator import Coordinator, CoordinatorOptions
 from ganns_async.training import TrainConfig
 from ganns_async.worker import Worker, WorkerOptions
-from helpers import SEED, STEPS, UNIT, UNITS_PER_STEP, _max_diff, _train_local
+from helpers import SEED, STEPS, UNIT, UNITS_PER_STEP, _fetch, _max_diff, _train_local
 
 IMAGES = STEPS * UNITS_PER_STEP * UNIT
 
@@ -62,12 +61,8 @@ async def _class_run(url: str, data: Path, out: Path, *, names: tuple[str, ...] 
         await asyncio.gather(coordinating, *tasks.values(), return_exceptions=True)
 
 
-async def _fetch(url: str, sql: str) -> list[tuple[object, ...]]:
-    conn = await asyncpg.connect(url)
-    try:
-        return [tuple(r) for r in await conn.fetch(sql)]
-    finally:
-        await conn.close()
+def _rows(url: str, sql: str) -> list[tuple[object, ...]]:
+    return [tuple(r) for r in asyncio.run(_fetch(url, sql))]
 
 
 @pytest.mark.parametrize("names", [("goer", "stayer"), ("stayer",)], ids=["two workers", "one worker"])
@@ -76,13 +71,13 @@ def test_a_class_in_one_loop_ends_where_train_local_ends(migrated_url: str, synt
     asyncio.run(_class_run(migrated_url, synth_zip, tmp_path / "out", names=names))
     got = _checkpoint_state(tmp_path / "out")
     assert _max_diff(got, _train_local(synth_zip, tmp_path)) == 0.0
-    assert asyncio.run(_fetch(migrated_url, "SELECT step, status, images_seen FROM runs")) == [(STEPS, "done", IMAGES)]
-    assert asyncio.run(_fetch(migrated_url, "SELECT step, images, units FROM metrics WHERE step >= 1 ORDER BY step")) == [
+    assert _rows(migrated_url, "SELECT step, status, images_seen FROM runs") == [(STEPS, "done", IMAGES)]
+    assert _rows(migrated_url, "SELECT step, images, units FROM metrics WHERE step >= 1 ORDER BY step") == [
         (s, UNITS_PER_STEP * UNIT, UNITS_PER_STEP) for s in range(1, STEPS + 1)]
-    workers = asyncio.run(_fetch(migrated_url, "SELECT name, state, units_done FROM workers ORDER BY name"))
+    workers = _rows(migrated_url, "SELECT name, state, units_done FROM workers ORDER BY name")
     assert [(name, state) for name, state, _ in workers] == [(name, "offline") for name in names]
     assert sum(done for *_, done in workers) == STEPS * UNITS_PER_STEP  # no copies: spot checks off
-    assert asyncio.run(_fetch(migrated_url, "SELECT id FROM gradients")) == []
+    assert _rows(migrated_url, "SELECT id FROM gradients") == []
 
 
 def test_a_worker_cancelled_mid_unit_gives_it_back_and_the_run_is_still_exact(
@@ -90,11 +85,11 @@ def test_a_worker_cancelled_mid_unit_gives_it_back_and_the_run_is_still_exact(
     asyncio.run(_class_run(migrated_url, synth_zip, tmp_path / "out", leaver=True))
     got = _checkpoint_state(tmp_path / "out")
     assert _max_diff(got, _train_local(synth_zip, tmp_path)) == 0.0
-    assert asyncio.run(_fetch(migrated_url, "SELECT step, status, images_seen FROM runs")) == [(STEPS, "done", IMAGES)]
+    assert _rows(migrated_url, "SELECT step, status, images_seen FROM runs") == [(STEPS, "done", IMAGES)]
     # The unit it held went back at once (`leave` releases claims; no lease had to expire,
     # so the sweep requeued nothing) and was computed by the worker that stayed.
-    events = asyncio.run(_fetch(migrated_url, "SELECT kind, message FROM events ORDER BY id"))
+    events = _rows(migrated_url, "SELECT kind, message FROM events ORDER BY id")
     assert [m.split(" after ")[0] for k, m in events if k == "leave"] == ["goer left", "stayer left"], events
     assert [m for k, m in events if k == "requeue"] == [], events
-    workers = dict(asyncio.run(_fetch(migrated_url, "SELECT name, units_done FROM workers")))
+    workers = dict(_rows(migrated_url, "SELECT name, units_done FROM workers"))
     assert workers["stayer"] > workers["goer"], workers
