@@ -300,14 +300,14 @@ class Coordinator:
         weights, optimizer = await self._in_thread(self._encode, 0, True, 0, 0)
         config_json, fingerprint = cfg.to_json(), self.dataset.fingerprint
         newest = await self._retry("starting a run", self.store.newest_run_id)
-        attempts = 0
+        tried = False
 
         async def create() -> int:
             # Safe to repeat: a retry first looks for the run that a lost reply created.
-            nonlocal attempts
-            attempts += 1
-            if attempts > 1 and (mine := await self.store.run_created_since(newest, config_json, fingerprint)):
+            nonlocal tried
+            if tried and (mine := await self.store.run_created_since(newest, config_json, fingerprint)):
                 return mine.id
+            tried = True
             old = await self.store.stop_active_run()
             if old is not None:
                 log.info("run %s was still active: marked stopped (use --resume to continue a run)", old)

@@ -47,7 +47,8 @@ def preprocess(rgb: Image.Image) -> torch.Tensor:
     image, bit for bit (tests/unit/test_data.py compares the two on many shapes).
 
     Written out instead of imported because importing torchvision costs a worker about
-    1.5 s of start-up (it loads torch._dynamo and sympy), for four lines of arithmetic.
+    2 s of start-up (it loads torch._dynamo and sympy; scripts/bench_startup.py), for four
+    lines of arithmetic.
     """
     w, h = rgb.size
     short, long = (w, h) if w <= h else (h, w)

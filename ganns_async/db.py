@@ -59,7 +59,6 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-
 def lost_connection(exc: BaseException) -> bool:
     """The server went away (a connection error, or a reconnect refused because the server is
     down or starting up), as opposed to a wrong URL, login or database, which retrying
