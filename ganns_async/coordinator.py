@@ -544,9 +544,12 @@ class Coordinator:
             self.trainer_version = version
         return self._encode(version, with_state, images_seen, round_start)
 
+    def _last(self, version: int) -> bool:
+        """Version ``version`` ends the run (``--max-steps``)."""
+        return self.opts.max_steps is not None and version >= self.opts.max_steps
+
     def _state_due(self, version: int) -> bool:
-        last = self.opts.max_steps is not None and version >= self.opts.max_steps
-        return last or version % self.opts.state_every == 0
+        return self._last(version) or version % self.opts.state_every == 0
 
     async def _close_step(self, decision: CloseDecision) -> None:
         """Apply the step, write and announce the new version, then move on in memory.
@@ -617,8 +620,12 @@ class Coordinator:
                   version, t1 - t0, *timings, " (with state)" if with_state else "")
         if self.opts.eval_every and version % self.opts.eval_every == 0 and self.evaluator is not None:
             self.evaluator.schedule(version, self.trainer)
-        push = self.publisher is not None and version % (self.opts.hf_push_every or self.opts.checkpoint_every) == 0
-        if version % self.opts.checkpoint_every == 0 or self.outputs.failing is not None or push:
+        # The run's last step writes and pushes nothing here: _finish does, right after, with
+        # the final SWD in the card (writing the checkpoint twice cost a second or two).
+        last = self._last(version)
+        push = (not last and self.publisher is not None
+                and version % (self.opts.hf_push_every or self.opts.checkpoint_every) == 0)
+        if not last and (version % self.opts.checkpoint_every == 0 or self.outputs.failing is not None or push):
             self._queue_outputs()  # every step while writing fails, until it works again
         if push and self.publisher is not None:
             self.publisher.maybe_push(self._card_info())  # waits for the files just queued
@@ -643,7 +650,7 @@ class Coordinator:
         if news is not None:
             await self._event("files", news)
         await self._check_idle()
-        if version % self.opts.checkpoint_every == 0:
+        if version % self.opts.checkpoint_every == 0 and not self._last(version):  # _finish draws the last
             await self.outputs.metrics_plot(await self.store.run_metrics(self.run_id), self.run_id)
 
     def _vacuum(self) -> None:

@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import uuid
 import warnings
@@ -29,6 +30,13 @@ import pytest
 # slower with PyTorch's default of one thread per core. Set before torch is imported.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The tests stop the workers and coordinators they start with SIGINT, as Ctrl-C would. A
+# shell starts a background job (`pytest &`, a script's child) with SIGINT ignored, the
+# processes the tests start would inherit that, ignore the SIGINT, and be killed after a
+# timeout instead. A handled signal is reset to the default in a child, so handle it here.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from ganns_async.data import write_synthetic  # noqa: E402
 from fakehub import FakeHub  # noqa: E402

@@ -155,18 +155,27 @@ def cli_in_process(*args: str, env: dict[str, str] | None = None, **_: object) -
 
 def _spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
     fh = open(log, "wb")  # noqa: SIM115 - closed with the process
+    # PYTHONFAULTHANDLER: a process that does not stop when asked dumps its threads' stacks
+    # into its log on SIGABRT (see _stop).
     return subprocess.Popen([*PY, *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "GANNS_NO_TUI": "1"})
+                            env={**os.environ, "GANNS_NO_TUI": "1", "PYTHONFAULTHANDLER": "1"})
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, timeout: float = 30) -> int:
+    """Ask ``proc`` to stop with ``sig``; after ``timeout`` seconds, SIGABRT (a process from
+    :func:`_spawn` writes its threads' stacks to its log) and then SIGKILL. Returns its exit
+    code: negative when a signal ended it."""
     if proc.poll() is None:
         proc.send_signal(sig)
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+        proc.send_signal(signal.SIGABRT)
+        try:
+            return proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
 
 
 async def _wait_for_worker_state(url: str, name: str, state: str, timeout: float = 120) -> int:
@@ -199,7 +208,20 @@ async def _wait_for_worker_state(url: str, name: str, state: str, timeout: float
 SEED, UNIT, UNITS_PER_STEP, STEPS = 7, 16, 2, 3
 
 
+_LOCAL_RUNS: dict[tuple[str, tuple[tuple[str, float | str], ...]], dict[str, torch.Tensor]] = {}
+
+
 def _train_local(synth_zip: Path, tmp_path: Path, **kw: float | str) -> dict[str, torch.Tensor]:
+    """The weights (``G.``, ``D.``, ``EMA.``) train-local ends with, run on ``synth_zip`` with
+    the settings above and ``kw``. train-local is deterministic and many tests compare
+    with the same run, so each run is computed once per test process (a copy is returned)."""
+    key = (str(synth_zip), tuple(sorted(kw.items())))
+    if key not in _LOCAL_RUNS:
+        _LOCAL_RUNS[key] = _compute_train_local(synth_zip, tmp_path, **kw)
+    return {k: v.clone() for k, v in _LOCAL_RUNS[key].items()}
+
+
+def _compute_train_local(synth_zip: Path, tmp_path: Path, **kw: float | str) -> dict[str, torch.Tensor]:
     from ganns_async.local import LocalOptions, train_local
     from ganns_async.training import TrainConfig
 
@@ -212,9 +234,9 @@ def _train_local(synth_zip: Path, tmp_path: Path, **kw: float | str) -> dict[str
     finally:
         torch.set_num_threads(threads)
     assert result.trainer.g_ema is not None
-    return {**{f"G.{k}": v for k, v in result.trainer.g.state_dict().items()},
-            **{f"D.{k}": v for k, v in result.trainer.d.state_dict().items()},
-            **{f"EMA.{k}": v for k, v in result.trainer.g_ema.state_dict().items()}}
+    return {**{f"G.{k}": v.clone() for k, v in result.trainer.g.state_dict().items()},
+            **{f"D.{k}": v.clone() for k, v in result.trainer.d.state_dict().items()},
+            **{f"EMA.{k}": v.clone() for k, v in result.trainer.g_ema.state_dict().items()}}
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

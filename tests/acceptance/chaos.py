@@ -68,10 +68,15 @@ def _run_as() -> dict[str, Any]:
 
 class PrivateServer:
     """A throwaway PostgreSQL on a Unix socket only (``listen_addresses = ''``) that a test
-    may stop, crash and restart. All of it lives in one temp dir, removed on exit."""
+    may stop, crash and restart. All of it lives in one temp dir, removed on exit.
 
-    def __init__(self, port: int = 5432) -> None:
+    ``template``: a data directory saved by :meth:`save_data` to start from, instead of
+    running initdb (and whatever was set up in it, such as a migrated database) again.
+    """
+
+    def __init__(self, port: int = 5432, template: Path | None = None) -> None:
         self.port = port  # only names the socket file: nothing listens on TCP
+        self.template = template
         self._as = _run_as()
         self.base = Path(tempfile.mkdtemp(prefix="chaos-pg-"))  # a Unix socket path has ~100 chars
         self.pgdata, self.socket_dir, self.log_path = self.base / "data", self.base / "s", self.base / "server.log"
@@ -103,8 +108,13 @@ class PrivateServer:
             pgutils.ensure_prefix_permissions(self.socket_dir)
             for path in (self.base, self.socket_dir):
                 os.chown(path, self._as["user"], self._as["group"])
-        self._pg("initdb", "--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres",
-                 "-D", str(self.pgdata))
+        if self.template is not None:
+            # cp -a keeps the owner (the server user, when we are root) and the 0700 mode.
+            subprocess.run(["cp", "-a", str(self.template), str(self.pgdata)], check=True, timeout=60)
+        else:
+            self._pg("initdb", "--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres",
+                     "-D", str(self.pgdata))
+        # Appended: a later line wins over the template's own socket settings.
         with open(self.pgdata / "postgresql.conf", "a", encoding="utf-8") as conf:
             conf.write(f"\nlisten_addresses = ''\nunix_socket_directories = '{self.socket_dir}'\nport = {self.port}\n")
 
@@ -124,6 +134,13 @@ class PrivateServer:
     def restart(self, mode: StopMode = "fast") -> None:
         self.stop(mode)
         self.start()
+
+    def save_data(self, dest: Path) -> Path:
+        """Stop the server cleanly and copy its data directory to ``dest`` (which must not
+        exist): a ``template`` for later servers. Returns ``dest``."""
+        self.stop("fast")
+        subprocess.run(["cp", "-a", str(self.pgdata), str(dest)], check=True, timeout=60)
+        return dest
 
     def close(self) -> None:
         """Crash the server (a clean shutdown would only cost time) and delete everything."""

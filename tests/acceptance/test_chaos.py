@@ -67,8 +67,27 @@ def expected(synth_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
             **{f"EMA.{k}": v.clone() for k, v in result.trainer.g_ema.state_dict().items()}}
 
 
+async def _create_chaos_database(srv: PrivateServer) -> None:
+    conn = await asyncpg.connect(srv.url)
+    try:
+        await conn.execute("CREATE DATABASE chaos")
+    finally:
+        await conn.close()
+    await migrate(srv.url_for("chaos"))
+
+
+@pytest.fixture(scope="session")
+def migrated_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A server's data directory with the ``chaos`` database migrated. Each test's server
+    starts from a copy of it: initdb and the migration run once (per xdist process), not
+    once a test."""
+    with PrivateServer() as srv:
+        asyncio.run(_create_chaos_database(srv))
+        return srv.save_data(tmp_path_factory.mktemp("chaos-template") / "data")
+
+
 class Cluster:
-    """A private server, two proxies, and the processes of one run."""
+    """A private server with the ``chaos`` database, two proxies, and the processes of one run."""
 
     def __init__(self, srv: PrivateServer, data: Path, tmp: Path) -> None:
         self.srv, self.data, self.tmp = srv, data, tmp
@@ -79,16 +98,6 @@ class Cluster:
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self._procs: list[subprocess.Popen[bytes]] = []
-
-        async def create() -> None:
-            conn = await asyncpg.connect(srv.url)
-            try:
-                await conn.execute("CREATE DATABASE chaos")
-            finally:
-                await conn.close()
-            await migrate(self.direct)
-
-        asyncio.run(create())
 
     def _spawn(self, log: str, *args: str) -> subprocess.Popen[bytes]:
         fh = open(self.tmp / f"{log}.log", "ab")  # noqa: SIM115 - closed with the process
@@ -182,8 +191,8 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(synth_zip: Path, tmp_path: Path) -> Iterator[Cluster]:
-    with PrivateServer() as srv:
+def cluster(synth_zip: Path, tmp_path: Path, migrated_data_dir: Path) -> Iterator[Cluster]:
+    with PrivateServer(template=migrated_data_dir) as srv:
         c = Cluster(srv, synth_zip, tmp_path)
         try:
             yield c

@@ -54,7 +54,7 @@ def test_resume_between_state_saves_replays_to_the_exact_result(migrated_url: st
     """Exact mode (fp32, Adam) and local mode (bf16 weights out and changes back, FedAvg:
     --resume must restore the fp32 master weights saved with the state, not the bf16
     broadcast) both replay to train-local's result."""
-    seed, unit, steps, every = 5, 16, 9, 4
+    seed, unit, steps, every = 5, 8, 9, 4
     wire = "fp32" if local_steps == 1 else "bf16"
     common = ["--db", migrated_url, "--data", str(synth_zip)]
     run_args = ["--max-steps", str(steps), "--out", str(tmp_path / "out"), "--eval-every", "0",
@@ -136,7 +136,7 @@ def test_database_stays_flat_over_100_steps_and_a_worker_holds_two_connections(
     over the run without the vacuum."""
     steps = 100
     common = ["--db", migrated_url, "--data", str(synth_zip)]
-    coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", str(steps), "--unit-size", "4", "--eval-every", "0",
+    coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", str(steps), "--unit-size", "2", "--eval-every", "0",
                    "--checkpoint-every", "1000", "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
     worker = _spawn("worker", *common, "--name", "long\x1b]0;haul", "--threads", "1", log=tmp_path / "w.log")
     try:

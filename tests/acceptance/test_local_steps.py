@@ -40,7 +40,7 @@ def test_two_workers_with_local_steps_learn_faces_they_have_not_seen(migrated_ur
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
         codes = [_stop(w) for w in workers]
-    assert codes == [0, 0]
+    assert codes == [0, 0], [(tmp_path / f"w{i}.log").read_text(errors="replace")[-4000:] for i in range(2)]
     assert "8 local steps x 16 images" in r.stdout + r.stderr
 
     # Every round had one unit per student, and each student computed its share.

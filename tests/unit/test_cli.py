@@ -51,8 +51,15 @@ def test_dunder_version_matches_pyproject() -> None:
     assert __version__ == project["version"]
 
 
-def test_show_completion_prints_the_script_for_this_program() -> None:
-    """The script the shell sources: it calls ganns-async back with _GANNS_ASYNC_COMPLETE."""
-    r = invoke("--show-completion", "bash")
+def test_show_completion_prints_the_script_for_this_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The script the shell sources: it calls ganns-async back with _GANNS_ASYNC_COMPLETE.
+
+    Typer finds the user's shell among this process's ancestors (shellingham); a test run
+    may have none (CI started without a shell), so the test says it was started from bash.
+    """
+    import typer.completion
+
+    monkeypatch.setattr(typer.completion, "_get_shell_name", lambda: "bash")
+    r = invoke("--show-completion")
     assert r.exit_code == 0, r.output
     assert "_GANNS_ASYNC_COMPLETE=complete_bash" in r.stdout and "complete " in r.stdout
