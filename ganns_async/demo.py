@@ -170,14 +170,14 @@ async def _swd_curve(url: str) -> list[tuple[int, float]]:
 
 
 def _stop_all(procs: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
-    """SIGINT (workers give their unit back), then SIGKILL whatever is still running after 15 s."""
+    """SIGTERM (each process stops as on Ctrl-C: workers give their unit back), then SIGKILL
+    whatever is still running after 15 s. Not SIGINT: a demo started in the background
+    (``ganns-async demo &``) starts its children with SIGINT ignored. On Windows terminate()
+    ends the process at once (units come back by lease)."""
     for _name, proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                if os.name == "nt":  # Windows cannot send SIGINT to one process: end it (units come back by lease)
-                    proc.terminate()
-                else:
-                    proc.send_signal(signal.SIGINT)
+                proc.terminate()
     deadline = time.monotonic() + 15
     for _name, proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from helpers import ClassLogins, _fetch, _spawn, _stop, _wait_for_worker_state, cli
+from ganns_async.demo import _stop_all
+from helpers import PY, REPO, ClassLogins, _fetch, _spawn, _stop, _wait_for_worker_state, cli
 
 def _model_card_generator(checkpoint_path: Path) -> nn.Module:
     """The model card's own loading snippet, verbatim except for the download."""
@@ -134,17 +136,30 @@ def test_worker_killed_mid_unit_does_not_lose_the_run(migrated_url: str, synth_z
     assert [tuple(r) for r in done] == [("done", 2)]
 
 
-def test_ctrl_c_gives_the_unit_back_at_once(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["ctrl-c", "the demo, started in the background"])
+def test_ctrl_c_gives_the_unit_back_at_once(migrated_url: str, synth_zip: Path, tmp_path: Path, how: str) -> None:
+    """Ctrl-C (SIGINT), and the demo stopping its workers: a demo started in the background
+    (``ganns-async demo &``) starts them with SIGINT ignored, so it stops them with SIGTERM,
+    which a worker takes like Ctrl-C."""
     common = ["--db", migrated_url, "--data", str(synth_zip)]
     coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "5", "--unit-size", "64", "--units-per-step", "1",
                    "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
-    worker = _spawn("worker", *common, "--name", "leaver", "--threads", "1", "--lease-seconds", "600",
-                    log=tmp_path / "worker.log")
+    worker_args = ["worker", *common, "--name", "leaver", "--threads", "1", "--lease-seconds", "600"]
+    if how == "ctrl-c":
+        worker = _spawn(*worker_args, log=tmp_path / "worker.log")
+    else:
+        worker = subprocess.Popen([*PY, *worker_args, "--no-tui"], stdout=open(tmp_path / "worker.log", "wb"),  # noqa: SIM115
+                                  stderr=subprocess.STDOUT, cwd=REPO,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         asyncio.run(_wait_for_worker_state(migrated_url, "leaver", "computing"))
         claimed = asyncio.run(_fetch(migrated_url, "SELECT id FROM work_units WHERE state = 'claimed'"))
         assert len(claimed) == 1
-        assert _stop(worker, signal.SIGINT) == 0, (tmp_path / "worker.log").read_text()
+        if how == "ctrl-c":
+            assert _stop(worker, signal.SIGINT) == 0, (tmp_path / "worker.log").read_text()
+        else:
+            _stop_all([("leaver", worker)])
+            assert worker.returncode == 0, (tmp_path / "worker.log").read_text()
         # The lease was 10 minutes: the unit is pending now only because the worker released it.
         unit = asyncio.run(_fetch(migrated_url, "SELECT state, worker_id FROM work_units WHERE id = $1",
                                   claimed[0]["id"]))
