@@ -35,7 +35,7 @@ from ganns_async.migrate import migrate
 from ganns_async.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
-SEED, UNIT, UNITS_PER_STEP, STEPS = 7, 16, 2, 4
+SEED, UNIT, UNITS_PER_STEP, STEPS = 7, 8, 2, 4
 IMAGES = STEPS * UNITS_PER_STEP * UNIT
 COORDINATOR_ARGS = [
     "--no-tui", "--max-staleness", "0", "--grad-dtype", "fp32", "--seed", str(SEED), "--unit-size", str(UNIT),
