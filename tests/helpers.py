@@ -28,6 +28,9 @@ import asyncpg
 import pytest
 import torch
 
+import forkserver
+from forkserver import ForkedProcess
+
 REPO = Path(__file__).resolve().parent.parent  # the repository's root
 
 
@@ -123,11 +126,14 @@ async def _fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
 # --- the real CLI in subprocesses (acceptance tests) -----------------------------------
 
 PY = [sys.executable, "-m", "ganns_async"]
+Process = subprocess.Popen[bytes] | ForkedProcess  # what _spawn returns
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    """Run the real CLI in a subprocess."""
+    """Run the real CLI in a subprocess (forked from the fork server when it can be)."""
     full_env = {**os.environ, **(env or {})}
+    if set(kw) <= {"cwd"}:
+        return forkserver.run(["-m", "ganns_async", *args], env=full_env, cwd=kw.get("cwd", REPO), timeout=timeout)
     return subprocess.run(
         [sys.executable, "-m", "ganns_async", *args],
         capture_output=True, text=True, timeout=timeout, env=full_env, cwd=kw.pop("cwd", REPO), **kw,
@@ -153,15 +159,17 @@ def cli_in_process(*args: str, env: dict[str, str] | None = None, **_: object) -
     return subprocess.CompletedProcess(list(args), code, result.stdout, stderr)
 
 
-def _spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    fh = open(log, "wb")  # noqa: SIM115 - closed with the process
-    # PYTHONFAULTHANDLER: a process that does not stop when asked dumps its threads' stacks
-    # into its log on SIGABRT (see _stop).
-    return subprocess.Popen([*PY, *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "GANNS_NO_TUI": "1", "PYTHONFAULTHANDLER": "1"})
+def _spawn(*args: str, log: Path) -> Process:
+    """Start the real CLI with ``args``, its output in ``log`` (forked from the fork server,
+    see tests/forkserver.py)."""
+    with open(log, "wb") as fh:
+        # PYTHONFAULTHANDLER: a process that does not stop when asked dumps its threads'
+        # stacks into its log on SIGABRT (see _stop).
+        return forkserver.popen(["-m", "ganns_async", *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**os.environ, "GANNS_NO_TUI": "1", "PYTHONFAULTHANDLER": "1"})
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, timeout: float = 30) -> int:
+def _stop(proc: Process, sig: int = signal.SIGINT, timeout: float = 30) -> int:
     """Ask ``proc`` to stop with ``sig``; after ``timeout`` seconds, SIGABRT (a process from
     :func:`_spawn` writes its threads' stacks to its log) and then SIGKILL. Returns its exit
     code: negative when a signal ended it."""

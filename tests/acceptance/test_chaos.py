@@ -18,7 +18,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +28,9 @@ import pytest
 import torch
 
 # pytest puts tests/acceptance (it has no __init__.py) on sys.path
+import forkserver
 from chaos import CutProxy, PrivateServer
+from helpers import Process
 from ganns_async.local import LocalOptions, train_local
 from ganns_async.migrate import migrate
 from ganns_async.training import TrainConfig
@@ -95,19 +96,18 @@ class Cluster:
         self.coordinator_proxy = CutProxy(srv.socket_path)
         self.worker_proxy = CutProxy(srv.socket_path)
         self.direct = srv.url_for("chaos")
-        self.coordinator: subprocess.Popen[bytes] | None = None
-        self.workers: dict[str, subprocess.Popen[bytes]] = {}
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self.coordinator: Process | None = None
+        self.workers: dict[str, Process] = {}
+        self._procs: list[Process] = []
 
-    def _spawn(self, log: str, *args: str) -> subprocess.Popen[bytes]:
-        fh = open(self.tmp / f"{log}.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([sys.executable, "-m", "ganns_async", *args], stdout=fh, stderr=subprocess.STDOUT,
-                                cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        fh.close()
+    def _spawn(self, log: str, *args: str) -> Process:
+        with open(self.tmp / f"{log}.log", "ab") as fh:
+            proc = forkserver.popen(["-m", "ganns_async", *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._procs.append(proc)
         return proc
 
-    def start_coordinator(self, *extra: str, log: str = "coordinator") -> subprocess.Popen[bytes]:
+    def start_coordinator(self, *extra: str, log: str = "coordinator") -> Process:
         self.coordinator = self._spawn(log, "coordinator", "--db", self.coordinator_proxy.url_for("chaos"),
                                        "--data", str(self.data), "--out", str(self.out), *COORDINATOR_ARGS, *extra)
         return self.coordinator
