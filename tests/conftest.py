@@ -39,6 +39,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from ganns_async.data import write_synthetic  # noqa: E402
+import forkserver  # noqa: E402
 from fakehub import FakeHub  # noqa: E402
 from helpers import ClassLogins, _make_logins, _run, drop_logins, fresh_database  # noqa: E402
 
@@ -49,6 +50,7 @@ os.environ.setdefault("GANNS_EVAL_N", "64")
 # caches out of the user's (subprocesses inherit it).
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ganns-test-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+forkserver.capture_environment()  # the environment the tests' CLI processes start from
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -6,15 +6,16 @@ starting Python and importing torch before doing anything. On a 2-core machine t
 fifth of the suite. The fork server is one Python process per test process that has
 imported torch and ``ganns_async`` once. For each request it forks a child that takes the
 requested standard streams, working directory, environment and arguments, and runs
-``ganns_async``'s ``__main__`` as ``python -m`` would. The child is a real, separate process:
+``ganns_async``'s ``__main__`` as ``python -m`` would (or one of the tests' scripts, such as
+``tests/acceptance/hostile_worker.py``, as ``python SCRIPT`` would). The child is a real, separate process:
 it has its own pid, takes signals, can be SIGKILLed, and exits with its own code. Only
 the interpreter's start-up and the imports are shared.
 
 Start-up itself is not tested through here: ``tests/acceptance/test_cli_startup.py`` execs
 a fresh interpreter. Any request whose environment differs from the server's in a variable
 that a module may read when it is imported (anything but ``GANNS_*``, ``PG*``, ``PYTEST_*``,
-``DATABASE_URL``, ``PYTHONUNBUFFERED`` and ``PYTHONFAULTHANDLER``) also execs, and so does
-every request when ``GANNS_TEST_EXEC=1`` is set.
+``DATABASE_URL``, ``PYTHONUNBUFFERED``, ``PYTHONFAULTHANDLER`` and a few others listed below)
+also execs, and so does every request when ``GANNS_TEST_EXEC=1`` is set.
 
 How a child's exit status comes back: the server forks a small waiter for each request, and
 the waiter forks the child. The waiter sends the child's pid over the request's socket, then
@@ -44,13 +45,17 @@ from typing import IO, Any
 # Read by the child at run time, not when a module is imported: a difference in these is
 # safe to hand to a child of the server.
 _RUNTIME_PREFIXES = ("GANNS_", "PG", "_GANNS", "PYTEST_")  # PYTEST_CURRENT_TEST changes every test
-_RUNTIME_NAMES = {"DATABASE_URL", "PYTHONUNBUFFERED", "PYTHONFAULTHANDLER", "COLUMNS", "LINES"}
+# TORCHINDUCTOR_CACHE_DIR: torch sets it in the test process when the first optimizer is
+# made. It says where compiled kernels are cached, and nothing here compiles any.
+_RUNTIME_NAMES = {"DATABASE_URL", "PYTHONUNBUFFERED", "PYTHONFAULTHANDLER", "COLUMNS", "LINES", "TORCHINDUCTOR_CACHE_DIR"}
+_TESTS = Path(__file__).resolve().parent  # scripts under it (tests/acceptance/*.py) fork too
 # What the CLI's commands import, at start-up or on first use (torch.optim imports
 # torch._dynamo the first time an optimizer is made: 2 s of CPU).
 _PRELOAD = ("torch", "torch._dynamo", "torchvision.utils", "matplotlib.figure", "matplotlib.backends.backend_agg",
             "matplotlib.ticker", "huggingface_hub", "ganns_async.cli", "ganns_async.worker",
             "ganns_async.coordinator", "ganns_async.local", "ganns_async.plots", "ganns_async.outputs",
-            "ganns_async.model_card", "ganns_async.hub", "ganns_async.quality", "ganns_async.demo")
+            "ganns_async.model_card", "ganns_async.hub", "ganns_async.quality", "ganns_async.demo",
+            "ganns_async.tui", "rich.console", "pydantic")
 
 
 # --- the server (this file run as a script) ----------------------------------------------
@@ -243,13 +248,13 @@ class ForkedProcess:
 
 
 class _Server:
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str]) -> None:
         self._dir = tempfile.mkdtemp(prefix="ganns-forkserver-")
         self.path = os.path.join(self._dir, "socket")
-        self.env = dict(os.environ)
+        self.env = env
         log = open(os.path.join(self._dir, "server.log"), "wb")  # noqa: SIM115 - the server's own stderr
         self._proc = subprocess.Popen([sys.executable, __file__, self.path], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=log, cwd=os.getcwd())
+                                      stdout=subprocess.PIPE, stderr=log, cwd=os.getcwd(), env=env)
         log.close()
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()
@@ -271,13 +276,22 @@ class _Server:
 
 _server: _Server | None = None
 _server_lock = threading.Lock()
+_base_env: dict[str, str] | None = None
+
+
+def capture_environment() -> None:
+    """Take the environment the server will start with from now: call it once the test
+    session has set its variables up, so that a test which happens to start the server with
+    a variable of its own set (monkeypatch.setenv) does not make every later request exec."""
+    global _base_env
+    _base_env = dict(os.environ)
 
 
 def _get_server() -> _Server:
     global _server
     with _server_lock:
         if _server is None:
-            _server = _Server()
+            _server = _Server(_base_env if _base_env is not None else dict(os.environ))
             atexit.register(_server.close)
         return _server
 
@@ -294,10 +308,11 @@ def popen(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | os.P
           stdout: IO[Any] | int | None = None, stderr: IO[Any] | int | None = None
           ) -> subprocess.Popen[bytes] | ForkedProcess:
     """``subprocess.Popen([sys.executable, *argv], ...)``, forked from the server when it can
-    be (see the module's docstring). ``stdout``/``stderr``: a file, ``subprocess.STDOUT``
+    be: ``-m ganns_async ...`` or a script of the tests (see the module's docstring). ``stdout``/``stderr``: a file, ``subprocess.STDOUT``
     (stderr only) or None (inherit); stdin is always /dev/null."""
     full_env = dict(os.environ if env is None else env)
-    wanted = os.environ.get("GANNS_TEST_EXEC") != "1" and argv[:2] == ["-m", "ganns_async"]
+    wanted = os.environ.get("GANNS_TEST_EXEC") != "1" and (argv[:2] == ["-m", "ganns_async"]
+                                                          or Path(argv[0]).parent.parent == _TESTS)
     server = _get_server() if wanted else None
     if server is None or not _forkable(full_env, server.env):
         return subprocess.Popen([sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,

@@ -169,6 +169,13 @@ def _spawn(*args: str, log: Path) -> Process:
                                 env={**os.environ, "GANNS_NO_TUI": "1", "PYTHONFAULTHANDLER": "1"})
 
 
+def _spawn_script(script: Path, *args: str, log: Path) -> Process:
+    """Start one of the tests' own scripts (``tests/acceptance/hostile_worker.py``) like :func:`_spawn`."""
+    with open(log, "wb") as fh:
+        return forkserver.popen([str(script), *args], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+
+
 def _stop(proc: Process, sig: int = signal.SIGINT, timeout: float = 30) -> int:
     """Ask ``proc`` to stop with ``sig``; after ``timeout`` seconds, SIGABRT (a process from
     :func:`_spawn` writes its threads' stacks to its log) and then SIGKILL. Returns its exit

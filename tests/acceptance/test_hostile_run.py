@@ -4,15 +4,17 @@ ends (the real CLI and tests/acceptance/hostile_worker.py in subprocesses)."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import REPO, SEED, STEPS, UNIT, ClassLogins, _fetch, _max_diff, _spawn, _stop, _train_local
+from helpers import (
+    REPO, SEED, STEPS, UNIT, ClassLogins, Process, _fetch, _max_diff, _spawn, _spawn_script, _stop, _train_local,
+)
+
+HOSTILE_WORKER = REPO / "tests" / "acceptance" / "hostile_worker.py"
 
 
 @pytest.mark.parametrize("attack", ["scale", "flip"])
@@ -24,10 +26,9 @@ def test_a_run_with_a_lying_student_ends_where_train_local_ends(
     then finishes on honest work and lands exactly on train-local."""
     local = _train_local(synth_zip, tmp_path)
     data = ["--data", str(synth_zip)]
-    mallory = subprocess.Popen([sys.executable, str(REPO / "tests" / "acceptance" / "hostile_worker.py"), attack,
-                                class_logins.mallory, str(synth_zip), "mallory"],
-                               stdout=open(tmp_path / "mallory.log", "wb"), stderr=subprocess.STDOUT, cwd=REPO)  # noqa: SIM115
-    honest: list[subprocess.Popen[bytes]] = []
+    mallory = _spawn_script(HOSTILE_WORKER, attack, class_logins.mallory, str(synth_zip), "mallory",
+                            log=tmp_path / "mallory.log")
+    honest: list[Process] = []
     out = tmp_path / "out"
     coord = _spawn("coordinator", "--db", class_logins.instructor, *data, "--no-tui", "--max-staleness", "0",
                    "--grad-dtype", "fp32", "--seed", str(SEED), "--unit-size", str(UNIT), "--units-per-step", "2",

@@ -5,8 +5,6 @@ and tests/acceptance/hostile_worker.py in subprocesses)."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,11 @@ import torch
 
 from ganns_async.cluster_state import read_snapshot
 from ganns_async.db import Database
-from helpers import REPO, SEED, STEPS, UNIT, ClassLogins, _fetch, _max_diff, _spawn, _stop, _train_local
+from helpers import (
+    REPO, SEED, STEPS, UNIT, ClassLogins, _fetch, _max_diff, _spawn, _spawn_script, _stop, _train_local,
+)
+
+HOSTILE_WORKER = REPO / "tests" / "acceptance" / "hostile_worker.py"
 
 
 @pytest.mark.slow(40)
@@ -22,9 +24,8 @@ def test_a_student_whose_results_disagree_is_quarantined_and_never_counts(
         class_logins: ClassLogins, synth_zip: Path, tmp_path: Path) -> None:
     local = _train_local(synth_zip, tmp_path)
     data = ["--data", str(synth_zip)]
-    workers = [subprocess.Popen([sys.executable, str(REPO / "tests" / "acceptance" / "hostile_worker.py"), "negate",
-                                 class_logins.mallory, str(synth_zip), "mallory"],
-                                stdout=open(tmp_path / "mallory.log", "wb"), stderr=subprocess.STDOUT, cwd=REPO)]  # noqa: SIM115
+    workers = [_spawn_script(HOSTILE_WORKER, "negate", class_logins.mallory, str(synth_zip), "mallory",
+                            log=tmp_path / "mallory.log")]
     workers += [_spawn("worker", "--db", url, *data, "--name", who, "--threads", "1", log=tmp_path / f"{who}.log")
                 for who, url in (("alice", class_logins.alice), ("bob", class_logins.bob))]
     out = tmp_path / "out"
