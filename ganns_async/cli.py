@@ -73,6 +73,9 @@ LOCAL_STEPS_HELP = ("Inner steps per unit. 1: exact mode, a unit is one gradient
                     "unit-size images and moves about H times fewer bytes per image.")
 OUTER_LR_HELP = "Local mode: outer step size on the averaged change (1 with momentum 0 is FedAvg; DiLoCo: 0.7)."
 OUTER_MOMENTUM_HELP = "Local mode: outer Nesterov momentum (0 is FedAvg; DiLoCo: 0.9)."
+FEATURE_MAPS_HELP = ("Width of both networks (DCGAN's ngf = ndf). 64 is the model card's DCGAN; compute and "
+                     "traffic grow with its square, so 32 costs a quarter per image on slow machines. Workers "
+                     "take it from the run.")
 
 
 def _words(*words: str) -> Callable[[str], list[str]]:
@@ -280,6 +283,8 @@ def coordinator(
     outer_lr: float = typer.Option(1.0, "--outer-lr", envvar="GANNS_OUTER_LR", help=OUTER_LR_HELP),
     outer_momentum: float = typer.Option(0.0, "--outer-momentum", envvar="GANNS_OUTER_MOMENTUM",
                                          help=OUTER_MOMENTUM_HELP),
+    feature_maps: int = typer.Option(64, "--feature-maps", envvar="GANNS_FEATURE_MAPS", min=1, max=512,
+                                     help=FEATURE_MAPS_HELP),
     step_timeout: float = typer.Option(300.0, "--step-timeout", envvar="GANNS_STEP_TIMEOUT", min=0.1,
                                        help="Close a step after this many seconds with at least --min-units."),
     min_units: int = typer.Option(1, "--min-units", envvar="GANNS_MIN_UNITS", min=1,
@@ -345,7 +350,8 @@ def coordinator(
             raise UserError(f"--grad-dtype must be fp32 or bf16, not {grad_dtype!r}")
         cfg = TrainConfig(seed=seed, unit_size=unit_size, units_per_step=_units_per_step(units_per_step),
                           max_staleness=max_staleness, lr=lr, grad_dtype=grad_dtype, g_ema=g_ema,
-                          local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum)
+                          local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                          feature_maps=feature_maps)
         try:
             cfg.check()
         except ValueError as exc:
@@ -500,6 +506,8 @@ def train_local_cmd(
     outer_lr: float = typer.Option(1.0, "--outer-lr", envvar="GANNS_OUTER_LR", help=OUTER_LR_HELP),
     outer_momentum: float = typer.Option(0.0, "--outer-momentum", envvar="GANNS_OUTER_MOMENTUM",
                                          help=OUTER_MOMENTUM_HELP),
+    feature_maps: int = typer.Option(64, "--feature-maps", envvar="GANNS_FEATURE_MAPS", min=1, max=512,
+                                     help=FEATURE_MAPS_HELP),
     grad_dtype: str = typer.Option("fp32", "--grad-dtype", envvar="GANNS_GRAD_DTYPE",
                                    autocompletion=_words("bf16", "fp32"),
                                    help="Simulate the wire: bf16 rounds what units send back (and, in local mode, "
@@ -525,7 +533,7 @@ def train_local_cmd(
     def body() -> None:
         cfg = TrainConfig(seed=seed, unit_size=unit_size, units_per_step=units_per_step, max_staleness=0, lr=lr,
                           g_ema=g_ema, local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
-                          grad_dtype=grad_dtype)
+                          grad_dtype=grad_dtype, feature_maps=feature_maps)
         try:
             cfg.check()
         except ValueError as exc:
@@ -558,6 +566,8 @@ def demo(
     local_steps: int = typer.Option(32, "--local-steps", envvar="GANNS_LOCAL_STEPS", min=1, max=4096,
                                     help="Inner steps per unit; each worker computes one unit a round "
                                          "(1: the exact synchronous mode)."),
+    feature_maps: int = typer.Option(64, "--feature-maps", envvar="GANNS_FEATURE_MAPS", min=1, max=512,
+                                     help=FEATURE_MAPS_HELP),
     out: Path = typer.Option(Path("ganns-out"), "--out", envvar="GANNS_OUT", help="Checkpoint and sample grids go here."),
     count: int = typer.Option(2048, "--synthetic-count", envvar="GANNS_SYNTHETIC_COUNT", min=16,
                               help="Images in the synthetic dataset (when --data is not given)."),
@@ -577,7 +587,7 @@ def demo(
     from ganns_async.demo import DemoOptions, run_demo
 
     opts = DemoOptions(db_url=db, data=data, workers=workers, max_steps=max_steps, unit_size=unit_size,
-                       local_steps=local_steps, out=out,
+                       local_steps=local_steps, feature_maps=feature_maps, out=out,
                        synthetic_count=count, debug=_state["debug"], tui=not no_tui)
     _run(lambda: run_demo(opts))
 

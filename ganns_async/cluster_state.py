@@ -255,13 +255,13 @@ class SnapshotFeeder:
         blob = await db.fetchval("view_weights", run["id"], run["step"])
         if blob is None:
             return
-        seed = TrainConfig.from_json(run["config"]).seed
+        cfg = TrainConfig.from_json(run["config"])
 
         def render() -> np.ndarray:
-            g, d = Generator(), Discriminator()
+            g, d = Generator(feature_maps=cfg.feature_maps), Discriminator(feature_maps=cfg.feature_maps)
             tensors, _ = codec.decode_tensors(blob, expected=codec.tensor_spec(state_tensors(g, d)))
             load_state_tensors(g, d, tensors)
-            return preview_image(g, seed)
+            return preview_image(g, cfg.seed)
 
         self.sample = await asyncio.to_thread(render)
         self._sample_version = (run["id"], run["step"])

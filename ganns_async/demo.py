@@ -24,6 +24,7 @@ class DemoOptions:
     max_steps: int = 16
     unit_size: int = 16
     local_steps: int = 32
+    feature_maps: int = 64
     out: Path = Path("ganns-out")
     synthetic_count: int = 2048
     debug: bool = False
@@ -96,7 +97,7 @@ def _run_cluster(opts: DemoOptions, url: str, started: float, *, logins: bool = 
     # so "auto" could size the first round before they are online.
     coordinator_cmd = base + ["coordinator", "--max-steps", str(opts.max_steps), "--out", str(opts.out),
                               "--unit-size", str(opts.unit_size), "--local-steps", str(opts.local_steps),
-                              "--units-per-step", str(opts.workers),
+                              "--units-per-step", str(opts.workers), "--feature-maps", str(opts.feature_maps),
                               "--checkpoint-every", every, "--eval-every", every]
     # On a terminal the coordinator draws its dashboard, so the workers write to log files.
     dashboard = opts.tui and sys.stdout.isatty()

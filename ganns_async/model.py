@@ -11,6 +11,8 @@ arguments, ``model.safetensors`` the weights, never a pickle).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn as nn
 from huggingface_hub import PyTorchModelHubMixin
@@ -96,12 +98,13 @@ class Discriminator(nn.Module):
         return self.main(x).view(-1)
 
 
-def build_models(seed: int) -> tuple[Generator, Discriminator]:
+def build_models(seed: int, feature_maps: int = FEATURE_MAPS) -> tuple[Generator, Discriminator]:
     """Fresh networks with DCGAN initialisation (conv weights N(0, 0.02), BatchNorm
     gamma N(1, 0.02), beta 0), drawn from a CPU generator so the same seed gives
-    the same weights on any machine."""
+    the same weights on any machine. ``feature_maps``: the width (the DCGAN paper's ngf
+    and ndf); the model card's model is 64."""
     gen = torch.Generator().manual_seed(seed)
-    g, d = Generator(), Discriminator()
+    g, d = Generator(feature_maps=feature_maps), Discriminator(feature_maps=feature_maps)
     for net in (g, d):
         for module in net.modules():
             name = module.__class__.__name__
@@ -113,6 +116,15 @@ def build_models(seed: int) -> tuple[Generator, Discriminator]:
                     module.weight.copy_(1.0 + torch.randn(module.weight.shape, generator=gen) * 0.02)
                     module.bias.zero_()
     return g, d
+
+
+def feature_maps_of(generator_state: Mapping[str, torch.Tensor]) -> int | None:
+    """The width of the generator these weights belong to (its first layer maps the latent
+    vector to 8 x feature_maps channels), or None when they are not a generator's."""
+    first = generator_state.get("main.0.weight")
+    if not isinstance(first, torch.Tensor) or first.dim() != 4 or first.shape[1] % 8:
+        return None
+    return int(first.shape[1]) // 8
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -21,8 +21,18 @@ TITLE = "GANNs with Friends - Distributed DCGAN for CelebA"
 CHECKPOINT_NAME = "checkpoint_latest.pth"  # as ganns_async.outputs (not imported: it pulls in torch)
 DATA_REPO = "gperdrizet/GANNs-with-friends"
 DATA_FILE = "data/img_align_celeba.zip"
-GENERATOR_PARAMETERS = 3_576_704
+GENERATOR_PARAMETERS = 3_576_704  # at the model card's width, 64
 DISCRIMINATOR_PARAMETERS = 2_765_568
+
+
+def generator_parameters(f: int) -> int:
+    """Parameters of ``Generator(feature_maps=f)`` (conv weights, no biases; BatchNorm's two)."""
+    return 16 * (100 * 8 * f + 8 * f * 4 * f + 4 * f * 2 * f + 2 * f * f + f * 3) + 2 * (8 + 4 + 2 + 1) * f
+
+
+def discriminator_parameters(f: int) -> int:
+    """Parameters of ``Discriminator(feature_maps=f)``."""
+    return 16 * (3 * f + f * 2 * f + 2 * f * 4 * f + 4 * f * 8 * f + 8 * f) + 2 * (2 + 4 + 8) * f
 
 # Metadata keys the card's owner (the coordinator) keeps up to date; any other key someone
 # added stays as they wrote it. Tags are merged (theirs are kept, ours are added).
@@ -114,6 +124,9 @@ def render_card(info: Mapping[str, Any]) -> str:
             batch = f"{unit_size * units_per_step:,} ({units_per_step} units x {unit_size} images)"
         else:
             batch = f"{_fmt_num(unit_size)} images per unit, one unit per worker"
+    feature_maps = _int(cfg.get("feature_maps"), 64)
+    if not 1 <= feature_maps <= 512:
+        feature_maps = 64
     staleness = cfg.get("max_staleness")
     if isinstance(staleness, int) and not isinstance(staleness, bool):
         staleness = f"{staleness} optimizer step{'' if staleness == 1 else 's'}"
@@ -140,8 +153,9 @@ def render_card(info: Mapping[str, Any]) -> str:
         seed=_fmt_num(cfg.get("seed")),
         latent_dim=100,
         image_size=64,
-        generator_parameters=f"{GENERATOR_PARAMETERS:,}",
-        discriminator_parameters=f"{DISCRIMINATOR_PARAMETERS:,}",
+        feature_maps=feature_maps,
+        generator_parameters=f"{generator_parameters(feature_maps):,}",
+        discriminator_parameters=f"{discriminator_parameters(feature_maps):,}",
         checkpoint_name=CHECKPOINT_NAME,
         data_repo=DATA_REPO,
         data_file=DATA_FILE,

@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ganns_async.errors import UserError
-from ganns_async.model import Generator
+from ganns_async.model import FEATURE_MAPS, Generator, feature_maps_of
 
 __all__ = [
     "sliced_wasserstein",
@@ -527,7 +527,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, n: int = 20
     if not isinstance(state, Mapping):
         raise UserError(f"{path} is not a GAN checkpoint: it has no 'generator_state_dict' "
                         f"(pass a .pt file saved by training)")
-    g = Generator()
+    # The width a run was trained at (--feature-maps) is in its first layer's shape.
+    g = Generator(feature_maps=feature_maps_of(state) or FEATURE_MAPS)
     try:
         g.load_state_dict(dict(state), strict=True)
     except Exception as exc:

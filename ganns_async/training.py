@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ganns_async.model import LATENT_DIM, Discriminator, Generator, build_models
+from ganns_async.model import FEATURE_MAPS, LATENT_DIM, Discriminator, Generator, build_models
 
 PREFIXES = ("G.", "D.")
 EMA_PREFIX = "EMA.G."  # G's moving average inside the optimizer-state blob
@@ -54,6 +54,9 @@ class TrainConfig:
     local_steps: int = 1
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
+    # The networks' width (DCGAN's ngf = ndf). 64 is the model card's DCGAN; compute and
+    # the bytes on the wire grow with its square (32: a quarter of both).
+    feature_maps: int = FEATURE_MAPS
 
     @property
     def local(self) -> bool:
@@ -92,6 +95,8 @@ class TrainConfig:
             raise ValueError(f"wire dtype must be fp32 or bf16, not {self.grad_dtype!r}")
         if not 0.0 <= self.g_ema < 1.0:
             raise ValueError(f"g_ema must be in [0, 1), got {self.g_ema}")
+        if not 1 <= self.feature_maps <= 512:
+            raise ValueError(f"feature maps must be between 1 and 512, got {self.feature_maps}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -608,7 +613,7 @@ class Trainer:
         if not 0.0 <= cfg.g_ema < 1.0:
             raise ValueError(f"g_ema must be in [0, 1), got {cfg.g_ema}")
         self.cfg = cfg
-        self.g, self.d = build_models(cfg.seed)
+        self.g, self.d = build_models(cfg.seed, cfg.feature_maps)
         self.opt_g = self._optimizer(self.g)
         self.opt_d = self._optimizer(self.d)
         self.g_ema: Generator | None = None

@@ -41,7 +41,7 @@ from ganns_async.db import (
 from ganns_async.errors import UserError
 from ganns_async.hardware import cpu_info, gpu_info, pick_device, resources
 from ganns_async.migrate import require_migrated
-from ganns_async.model import build_models
+from ganns_async.model import FEATURE_MAPS, build_models
 from ganns_async.retry import Backoff, SideTasks, describe_error
 from ganns_async.states import WorkerState
 from ganns_async.store import RunRow, UnitRow, WorkerStore
@@ -176,10 +176,7 @@ class Worker:
         # `hf://OWNER/REPO/PATH` downloads once into the Hub cache (progress on stderr).
         local = await asyncio.to_thread(resolve_data, opts.data)
         self.dataset = await asyncio.to_thread(ImageDataset.open, local)
-        self.g, self.d = build_models(0)
-        self.g.to(self.device)
-        self.d.to(self.device)
-        self.spec_state = codec.tensor_spec(state_tensors(self.g, self.d))
+        self._build_models(FEATURE_MAPS)
         # Two connections per worker, whatever it does: this one for queries (the heartbeat
         # waits while a unit uploads) and the listener's. A class of 40 then needs 80.
         app = f"ganns-async worker {self.status.name}"
@@ -307,10 +304,21 @@ class Worker:
             )
         self._joined_run = run.id
         self._cfg = TrainConfig.from_json(run.config)
+        if self._cfg.feature_maps != self.feature_maps:
+            await self._in_thread(self._build_models, self._cfg.feature_maps)
         # Counted as the run's worker at once (dashboards, the next round's width); the
         # server logs the join.
         await self.store.heartbeat(self.worker_id, self.status.state, run.id)
         log.info("joined run %s", run.id)
+
+    def _build_models(self, feature_maps: int) -> None:
+        """Networks of the run's width; the weights come with each unit's version."""
+        self.g, self.d = build_models(0, feature_maps)
+        self.g.to(self.device)
+        self.d.to(self.device)
+        self.feature_maps = feature_maps
+        self.spec_state = codec.tensor_spec(state_tensors(self.g, self.d))
+        self._held = None
 
     async def _process(self, run: RunRow, unit: UnitRow) -> None:
         assert self.worker_id is not None and self.dataset is not None

@@ -33,13 +33,20 @@ from chaos import CutProxy, PrivateServer
 from helpers import Process
 from ganns_async.local import LocalOptions, train_local
 from ganns_async.migrate import migrate
+from ganns_async.model_card import discriminator_parameters, generator_parameters
 from ganns_async.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 SEED, UNIT, UNITS_PER_STEP, STEPS = 7, 8, 2, 4
 IMAGES = STEPS * UNITS_PER_STEP * UNIT
+# A narrow DCGAN (--feature-maps 16: a ninth of the compute and of the bytes): every fault
+# here is in the protocol, which does not care how wide the networks are.
+WIDTH = 16
+# A result or a weights version in fp32: what a cut "in the middle" aims at.
+MODEL_BYTES = 4 * (generator_parameters(WIDTH) + discriminator_parameters(WIDTH))
 COORDINATOR_ARGS = [
     "--no-tui", "--max-staleness", "0", "--grad-dtype", "fp32", "--seed", str(SEED), "--unit-size", str(UNIT),
+    "--feature-maps", str(WIDTH),
     "--units-per-step", str(UNITS_PER_STEP), "--local-steps", "1", "--max-steps", str(STEPS),
     "--checkpoint-every", str(STEPS), "--eval-every", "0", "--spot-check", "0", "--sweep-seconds", "2",
     "--step-timeout", "600",  # a step never closes short: each must have all its units
@@ -57,7 +64,7 @@ def expected(synth_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     threads = torch.get_num_threads()
     try:
         cfg = TrainConfig(seed=SEED, unit_size=UNIT, units_per_step=UNITS_PER_STEP, max_staleness=0,
-                          grad_dtype="fp32")
+                          grad_dtype="fp32", feature_maps=WIDTH)
         result = train_local(LocalOptions(data=str(synth_zip), max_steps=STEPS, config=cfg, checkpoint_every=STEPS,
                                           out=tmp_path_factory.mktemp("local"), threads=1))
     finally:
@@ -241,7 +248,7 @@ def test_crash_loses_stored_results_which_are_computed_again(cluster: Cluster,
 def test_cut_in_the_middle_of_an_upload(cluster: Cluster, expected: dict[str, torch.Tensor]) -> None:
     cluster.start_coordinator()
     cluster.wait_step(0)
-    cut = cluster.worker_proxy.cut_after("up", 2_000_000)  # workers send MBs only as results
+    cut = cluster.worker_proxy.cut_after("up", MODEL_BYTES // 2)  # workers send that much only as results
     cluster.start_workers("w1", "w2")
     cluster.assert_exact(expected)
     assert cut.fired.is_set()
@@ -252,7 +259,7 @@ def test_cut_in_the_middle_of_an_upload(cluster: Cluster, expected: dict[str, to
 def test_cut_in_the_middle_of_a_weights_download(cluster: Cluster, expected: dict[str, torch.Tensor]) -> None:
     cluster.start_coordinator()
     cluster.wait_step(0)
-    cut = cluster.worker_proxy.cut_after("down", 2_000_000)  # workers receive MBs only as weights
+    cut = cluster.worker_proxy.cut_after("down", MODEL_BYTES // 2)  # workers receive that much only as weights
     cluster.start_workers("w1", "w2")
     cluster.assert_exact(expected)
     assert cut.fired.is_set()

@@ -29,22 +29,26 @@ def _checkpoint_state(out: Path) -> dict[str, torch.Tensor]:
             **{f"EMA.{k}": v for k, v in ckpt["generator_state_dict"].items()}}
 
 
+def _coordinator(url: str, data: Path, out: Path, feature_maps: int = 64) -> Coordinator:
+    cfg = TrainConfig(seed=SEED, unit_size=UNIT, units_per_step=UNITS_PER_STEP, max_staleness=0,
+                      grad_dtype="fp32", local_steps=1, feature_maps=feature_maps)
+    return Coordinator(CoordinatorOptions(
+        db_url=url, data=str(data), out=out, max_steps=STEPS, config=cfg, checkpoint_every=STEPS,
+        eval_every=0, spot_check=0.0, sweep_s=5, step_timeout=600))
+
+
+def _worker(url: str, data: Path, name: str) -> Worker:
+    return Worker(WorkerOptions(db_url=url, data=str(data), name=name, device="cpu", threads=1,
+                                lease_s=30, heartbeat_s=2, sweep_s=5))
+
+
 async def _class_run(url: str, data: Path, out: Path, *, names: tuple[str, ...] = ("goer", "stayer"),
                      leaver: bool = False) -> None:
     """Workers and a coordinator as tasks; with ``leaver``, worker "goer" is cancelled as soon
     as it holds a unit of step 1, and the run must still finish."""
-    def worker(name: str) -> Worker:
-        return Worker(WorkerOptions(db_url=url, data=str(data), name=name, device="cpu", threads=1,
-                                    lease_s=30, heartbeat_s=2, sweep_s=5))
-
-    workers = {name: worker(name) for name in names}
+    workers = {name: _worker(url, data, name) for name in names}
     tasks = {name: asyncio.create_task(w.run(), name=name) for name, w in workers.items()}
-    cfg = TrainConfig(seed=SEED, unit_size=UNIT, units_per_step=UNITS_PER_STEP, max_staleness=0,
-                      grad_dtype="fp32", local_steps=1)
-    coordinator = Coordinator(CoordinatorOptions(
-        db_url=url, data=str(data), out=out, max_steps=STEPS, config=cfg, checkpoint_every=STEPS,
-        eval_every=0, spot_check=0.0, sweep_s=5, step_timeout=600))
-    coordinating = asyncio.create_task(coordinator.run(), name="coordinator")
+    coordinating = asyncio.create_task(_coordinator(url, data, out).run(), name="coordinator")
     try:
         if leaver:
             # Woken by the worker's own status callback, not by polling.
@@ -93,3 +97,28 @@ def test_a_worker_cancelled_mid_unit_gives_it_back_and_the_run_is_still_exact(
     assert [m for k, m in events if k == "requeue"] == [], events
     workers = dict(_rows(migrated_url, "SELECT name, units_done FROM workers"))
     assert workers["stayer"] > workers["goer"], workers
+
+
+def test_workers_follow_each_run_to_its_width(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    """The same two workers stay online through a run at --feature-maps 8 and then one at 16:
+    each time they build networks of the run's width, and the second run still ends where
+    train-local at that width ends, bit for bit."""
+    async def two_runs() -> None:
+        tasks = [asyncio.create_task(_worker(migrated_url, synth_zip, name).run()) for name in ("ann", "ben")]
+        try:
+            for width in (8, 16):
+                run = _coordinator(migrated_url, synth_zip, tmp_path / f"out{width}", feature_maps=width).run()
+                assert await asyncio.wait_for(run, 300) == 0
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(two_runs())
+    got = _checkpoint_state(tmp_path / "out16")
+    assert got["G.main.0.weight"].shape == (100, 16 * 8, 4, 4)
+    assert _max_diff(got, _train_local(synth_zip, tmp_path, feature_maps=16)) == 0.0
+    assert _rows(migrated_url, "SELECT step, status, images_seen FROM runs ORDER BY id") == [
+        (STEPS, "done", IMAGES), (STEPS, "done", IMAGES)]
+    units = dict(_rows(migrated_url, "SELECT name, units_done FROM workers"))
+    assert sum(units.values()) == 2 * STEPS * UNITS_PER_STEP, units

@@ -124,14 +124,16 @@ def test_unknown_device(synth_zip: Path) -> None:
 def test_local_step_settings_are_checked_before_anything_starts(tmp_path: Path) -> None:
     """Refused with one line naming the flag, before the database or the data are touched."""
     common = ("coordinator", "--db", UNREACHABLE, "--data", str(tmp_path / "missing.zip"), "--no-tui")
-    width, momentum, outer_lr, local = cli_each(
+    width, momentum, outer_lr, local, narrow = cli_each(
         ((*common, "--units-per-step", "many"), {"timeout": 120}),
         ((*common, "--outer-momentum", "1.5"), {"timeout": 120}),
         (("train-local", "--data", str(tmp_path / "missing.zip"), "--max-steps", "1", "--outer-lr", "-1"),
          {"timeout": 120}),
         ((*common, "--local-steps", "0"), {"timeout": 120}),
+        ((*common, "--feature-maps", "0"), {"timeout": 120}),
     )
     assert_one_line_error(width, "--units-per-step", "auto", "many")
     assert_one_line_error(momentum, "--outer-momentum", "1.5")
     assert_one_line_error(outer_lr, "--outer-lr", "-1")
     assert local.returncode != 0 and "--local-steps" in local.stderr and "Traceback" not in local.stderr
+    assert narrow.returncode != 0 and "--feature-maps" in narrow.stderr and "Traceback" not in narrow.stderr

@@ -143,3 +143,42 @@ def test_a_locally_edited_card_keeps_its_prose(tmp_path: Path) -> None:
     write_generator(trainer, tmp_path, {**INFO, "step": 41})
     text = card.read_text()
     assert "## Thanks\n\nTo everyone who joined." in text and "| Round (optimizer step) | 41 |" in text
+
+
+def test_a_narrow_run_loads_everywhere_at_its_width(tmp_path: Path) -> None:
+    """--feature-maps 16: the folder, the card's own snippet and the checkpoint's text all
+    give back a generator of that width (config.json holds it), and the card says so."""
+    from ganns_async.model import count_parameters, feature_maps_of
+
+    trainer = Trainer(TrainConfig(seed=3, feature_maps=16))
+    info = {**INFO, "config": {**INFO["config"], "feature_maps": 16}}
+    folder = write_generator(trainer, tmp_path, info)
+    loaded = Generator.from_pretrained(folder)
+    assert feature_maps_of(loaded.state_dict()) == 16
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in trainer.sampler.state_dict().items())
+
+    card = (folder / "README.md").read_text()
+    assert f"- **Generator** ({count_parameters(trainer.g):,} parameters)" in card
+    assert "| Width (feature maps, DCGAN's ngf = ndf) | 16 |" in card
+    assert "`Generator(feature_maps=16)`" in card  # how the checkpoint's state dict loads
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", card, re.S) if "class Generator" in b)
+    namespace: dict[str, Any] = {}
+    exec(snippet.replace('"room101/faces"', repr(str(folder))), namespace)  # noqa: S102 - our own card
+    assert namespace["faces"].shape == (16, 3, 64, 64)
+    assert feature_maps_of(namespace["generator"].state_dict()) == 16
+
+
+def test_the_default_width_is_the_model_cards() -> None:
+    from ganns_async.model import Discriminator, count_parameters
+    from ganns_async.model_card import (
+        DISCRIMINATOR_PARAMETERS, GENERATOR_PARAMETERS, discriminator_parameters, generator_parameters,
+    )
+
+    assert TrainConfig().feature_maps == 64
+    assert count_parameters(Trainer(TrainConfig()).g) == GENERATOR_PARAMETERS == generator_parameters(64)
+    assert count_parameters(Discriminator()) == DISCRIMINATOR_PARAMETERS == discriminator_parameters(64)
+    for f in (1, 8, 33):
+        assert generator_parameters(f) == count_parameters(Generator(feature_maps=f))
+        assert discriminator_parameters(f) == count_parameters(Discriminator(feature_maps=f))
+    card = render_card(INFO)  # a run from before the option: no feature_maps in its config
+    assert "| Width (feature maps, DCGAN's ngf = ndf) | 64 |" in card and "Generator(feature_maps=" not in card

@@ -144,6 +144,15 @@ def test_evaluate_checkpoint_fresh_generator(tmp_path: Path, small_zip: Path) ->
     assert set(r2) == SWD_KEYS and all(math.isfinite(v) for v in r2.values())
 
 
+def test_evaluate_checkpoint_of_a_narrow_run(tmp_path: Path, small_zip: Path) -> None:
+    """A run trained with --feature-maps 16: eval reads the width from the weights."""
+    g, _ = build_models(0, feature_maps=16)
+    ckpt = tmp_path / "g16.pt"
+    torch.save({"generator_state_dict": g.state_dict(), "step": 0}, ckpt)
+    r = evaluate_checkpoint(ckpt, str(small_zip), n=16, seed=1)
+    assert set(r) == SWD_KEYS and all(math.isfinite(v) and v > 0 for v in r.values())
+
+
 def test_evaluate_generator_leaves_live_model_alone(small_zip: Path) -> None:
     g, _ = build_models(1)
     g.train()
