@@ -67,6 +67,26 @@ def lost_connection(exc: BaseException) -> bool:
     return isinstance(cause, CONNECTION_ERRORS)
 
 
+def lost_connection_in(group: BaseExceptionGroup) -> BaseException | None:  # type: ignore[type-arg]
+    """The first error of ``group`` when every error in it (nested groups included) means a
+    lost connection, else None. Parallel queries in a TaskGroup that lose their connection
+    together fail as one group; the caller's retry policy knows single errors."""
+    found: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup) -> bool:  # type: ignore[type-arg]
+        for exc in g.exceptions:
+            if isinstance(exc, BaseExceptionGroup):
+                if not walk(exc):
+                    return False
+            elif isinstance(exc, CONNECTION_ERRORS):
+                found.append(exc)
+            else:
+                return False
+        return True
+
+    return found[0] if walk(group) and found else None
+
+
 _NAME_RE = re.compile(r"^--\s*name:\s*(\S+)\s*$", re.MULTILINE)
 
 

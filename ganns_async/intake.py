@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ganns_async import codec
+from ganns_async.db import lost_connection_in
 from ganns_async.errors import PayloadError
 from ganns_async.replication import EXACT_TOLERANCE, LOCAL_TOLERANCE, SpotCheck, compare
 from ganns_async.screening import Norms, ResultScreen
@@ -117,9 +118,17 @@ class GradientIntake:
             # A TaskGroup, not gather: if one fails (a lost connection), the others stop
             # too instead of folding on behind the loop's back; what they had not finished
             # is found again by the next drain (each unit still counts once).
-            async with asyncio.TaskGroup() as group:
-                for take in takes:
-                    group.create_task(take)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for take in takes:
+                        group.create_task(take)
+            except BaseExceptionGroup as errors:
+                # Fetches that lost the connection together (a server restart) fail as one
+                # group: the loop retries a lost connection, and knows single errors only.
+                lost = lost_connection_in(errors)
+                if lost is None:
+                    raise
+                raise lost from errors
 
     async def _take(self, g: GradientRow) -> None:
         self._in_flight.add(g.id)

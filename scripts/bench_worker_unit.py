@@ -5,7 +5,10 @@ prints the median of ``--reps`` repetitions for each unit size, plus the encode 
 time and size of the gradient payload in fp32 and bf16. On a GPU this shows whether the
 math or the wire format is the bottleneck.
 
-Usage: python scripts/bench_worker_unit.py [--device auto] [--sizes 64,512] [--reps 5]
+``--feature-maps`` compares the networks' widths (the README's "Slow machines" figures:
+``--sizes 64 --feature-maps 64,32,16``).
+
+Usage: python scripts/bench_worker_unit.py [--device auto] [--sizes 64,512] [--feature-maps 64] [--reps 5]
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--sizes", default="64,512")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--feature-maps", default="64", help="widths to measure, comma-separated (default: 64)")
     args = ap.parse_args()
+    widths = [int(w) for w in args.feature_maps.split(",")]
     device = pick_device(args.device)
     sizes = [int(s) for s in args.sizes.split(",")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -54,12 +59,13 @@ def main() -> None:
         data = Path(tmp) / "faces.zip"
         write_synthetic(data, max(sizes))
         dataset = ImageDataset.open(str(data))
-        g, d = build_models(0)
-        g.to(device)
-        d.to(device)
-        spec = gradient_spec(g, d)
-        print(f"{'unit':>5} {'load+math s':>11} {'img/s':>8} | {'dtype':>5} {'MB':>6} {'encode s':>9} {'decode s':>9}")
-        for n in sizes:
+        print(f"{'width':>5} {'unit':>5} {'load+math s':>11} {'img/s':>8} | {'dtype':>5} {'MB':>6} "
+              f"{'encode s':>9} {'decode s':>9}")
+        for width, n in ((w, n) for w in widths for n in sizes):
+            g, d = build_models(0, width)
+            g.to(device)
+            d.to(device)
+            spec = gradient_spec(g, d)
             indices = list(range(n))
 
             def unit():  # type: ignore[no-untyped-def]
@@ -74,7 +80,7 @@ def main() -> None:
                 t_enc, blob = _median(lambda: codec.encode_tensors(result.tensors(), meta=meta,  # type: ignore[attr-defined]
                                                                    float_dtype=dtype), args.reps)
                 t_dec, _ = _median(lambda: codec.decode_tensors(blob, expected=spec), args.reps)  # type: ignore[arg-type]
-                print(f"{n:>5} {t_math:>11.4f} {n / t_math:>8.0f} | {dtype:>5} {len(blob) / 1e6:>6.2f} "  # type: ignore[arg-type]
+                print(f"{width:>5} {n:>5} {t_math:>11.4f} {n / t_math:>8.0f} | {dtype:>5} {len(blob) / 1e6:>6.2f} "  # type: ignore[arg-type]
                       f"{t_enc:>9.4f} {t_dec:>9.4f}", flush=True)
         dataset.close()
 

@@ -221,6 +221,11 @@ async def _wait_for_worker_state(url: str, name: str, state: str, timeout: float
 # --- the synchronous reference run (train-local) --------------------------------------
 
 SEED, UNIT, UNITS_PER_STEP, STEPS = 7, 16, 2, 3
+# A narrow DCGAN (``--feature-maps 16``, a ninth of the model card's compute and bytes) for
+# the tests whose claim is about the protocol or the arithmetic of a run, not the model:
+# equal to train-local, refused or recomputed units, recovery. Tests about the model users
+# get (its checkpoint, its card, how well it learns, the demo) keep the default, 64.
+WIDTH = 16
 
 
 _LOCAL_RUNS: dict[tuple[str, tuple[tuple[str, float | str], ...]], dict[str, torch.Tensor]] = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SEED, STEPS, UNIT, UNITS_PER_STEP, _max_diff, _spawn, _stop, _train_local, cli
+from helpers import SEED, STEPS, UNIT, UNITS_PER_STEP, WIDTH, _max_diff, _spawn, _stop, _train_local, cli
 
 LOCAL_STEPS = 3  # local mode: 3 inner steps of UNIT images per unit
 
@@ -22,7 +22,7 @@ def _distributed(url: str, data: Path, out: Path, workers: int, tmp: Path,
         r = cli("coordinator", *common, "--no-tui", "--max-staleness", "0", "--grad-dtype", wire, "--seed", str(SEED),
                 "--unit-size", str(UNIT), "--units-per-step", str(UNITS_PER_STEP), "--max-steps", str(STEPS),
                 "--checkpoint-every", str(STEPS), "--out", str(out), "--local-steps", str(local_steps),
-                *outer, timeout=400)
+                "--feature-maps", str(WIDTH), *outer, timeout=400)
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
         for p in procs:
@@ -36,7 +36,7 @@ def _distributed(url: str, data: Path, out: Path, workers: int, tmp: Path,
 
 @pytest.fixture
 def local_state(synth_zip: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
-    return _train_local(synth_zip, tmp_path)
+    return _train_local(synth_zip, tmp_path, feature_maps=WIDTH)
 
 
 @pytest.mark.slow(30)
@@ -50,7 +50,7 @@ def test_two_workers_through_the_cli_agree_with_train_local(migrated_url: str, s
     # Not vacuous: training moved the weights away from their initial values.
     from ganns_async.model import build_models
 
-    g0, _ = build_models(SEED)
+    g0, _ = build_models(SEED, WIDTH)
     assert float((g0.main[0].weight.detach() - local_state["G.main.0.weight"]).abs().max()) > 1e-4
 
 
@@ -61,15 +61,16 @@ def test_local_steps_run_equals_its_train_local_simulation(migrated_url: str, sy
     fp32 master copy. train-local --workers 2 --local-steps 3 --grad-dtype bf16 with the
     same outer step simulates that wire and must land on the same weights."""
     outer = {"outer_lr": 0.7, "outer_momentum": 0.9}
-    expected = _train_local(synth_zip, tmp_path, local_steps=LOCAL_STEPS, grad_dtype="bf16", **outer)
+    expected = _train_local(synth_zip, tmp_path, local_steps=LOCAL_STEPS, grad_dtype="bf16", feature_maps=WIDTH,
+                            **outer)
     got = _distributed(migrated_url, synth_zip, tmp_path / "localmode", 2, tmp_path, local_steps=LOCAL_STEPS,
                        outer=("--outer-lr", "0.7", "--outer-momentum", "0.9"), wire="bf16")
     diff = _max_diff(got, expected)
     print(f"max |diff| local mode vs train-local: {diff:.3g}")
     assert diff <= 1e-5
-    exact = _train_local(synth_zip, tmp_path / "exact")
+    exact = _train_local(synth_zip, tmp_path / "exact", feature_maps=WIDTH)
     assert _max_diff(exact, expected) > 1e-3  # the two modes really differ
-    fp32 = _train_local(synth_zip, tmp_path / "fp32", local_steps=LOCAL_STEPS, **outer)
+    fp32 = _train_local(synth_zip, tmp_path / "fp32", local_steps=LOCAL_STEPS, feature_maps=WIDTH, **outer)
     assert _max_diff(fp32, expected) > 0  # and the bf16 wire is really simulated
     ckpt = torch.load(tmp_path / "localmode" / "checkpoint_latest.pth", map_location="cpu", weights_only=True)
     assert ckpt["images_seen"] == STEPS * UNITS_PER_STEP * LOCAL_STEPS * UNIT

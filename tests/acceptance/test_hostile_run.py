@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from helpers import (
-    REPO, SEED, STEPS, UNIT, ClassLogins, Process, _fetch, _max_diff, _spawn, _spawn_script, _stop, _train_local,
+    REPO, SEED, STEPS, UNIT, WIDTH, ClassLogins, Process, _fetch, _max_diff, _spawn, _spawn_script, _stop,
+    _train_local,
 )
 
 HOSTILE_WORKER = REPO / "tests" / "acceptance" / "hostile_worker.py"
@@ -24,13 +25,14 @@ def test_a_run_with_a_lying_student_ends_where_train_local_ends(
     """fp32, exact, staleness 0: mallory (a student) tampers with every result; alice and bob
     are honest. Mallory works first and alone until a result of hers was refused; the run
     then finishes on honest work and lands exactly on train-local."""
-    local = _train_local(synth_zip, tmp_path)
+    local = _train_local(synth_zip, tmp_path, feature_maps=WIDTH)
     data = ["--data", str(synth_zip)]
     mallory = _spawn_script(HOSTILE_WORKER, attack, class_logins.mallory, str(synth_zip), "mallory",
                             log=tmp_path / "mallory.log")
     honest: list[Process] = []
     out = tmp_path / "out"
     coord = _spawn("coordinator", "--db", class_logins.instructor, *data, "--no-tui", "--max-staleness", "0",
+                   "--feature-maps", str(WIDTH),
                    "--grad-dtype", "fp32", "--seed", str(SEED), "--unit-size", str(UNIT), "--units-per-step", "2",
                    "--max-steps", str(STEPS), "--checkpoint-every", str(STEPS), "--out", str(out),
                    "--local-steps", "1", log=tmp_path / "coord.log")

@@ -65,7 +65,7 @@ def _run_with_planted_result(url: str, data: Path, tmp_path: Path, payload: byte
 def test_hostile_gradient_is_rejected_and_its_unit_recomputed(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
     unit_id = _run_with_planted_result(migrated_url, synth_zip, tmp_path, b"\x28\xb5\x2f\xfd" + b"not really zstd" * 10,
                                        "--local-steps", "2", "--max-steps", "2", "--unit-size", "16",
-                                       "--units-per-step", "2")
+                                       "--units-per-step", "2", "--feature-maps", "16")
     rejections = asyncio.run(_fetch(migrated_url, "SELECT unit_id, reason, w.name FROM rejections r "
                                                   "JOIN workers w ON w.id = r.worker_id"))
     assert len(rejections) == 1 and rejections[0]["unit_id"] == unit_id and rejections[0]["name"] == "mallory"

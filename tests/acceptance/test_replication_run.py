@@ -13,7 +13,7 @@ import torch
 from ganns_async.cluster_state import read_snapshot
 from ganns_async.db import Database
 from helpers import (
-    REPO, SEED, STEPS, UNIT, ClassLogins, _fetch, _max_diff, _spawn, _spawn_script, _stop, _train_local,
+    REPO, SEED, STEPS, UNIT, WIDTH, ClassLogins, _fetch, _max_diff, _spawn, _spawn_script, _stop, _train_local,
 )
 
 HOSTILE_WORKER = REPO / "tests" / "acceptance" / "hostile_worker.py"
@@ -22,7 +22,7 @@ HOSTILE_WORKER = REPO / "tests" / "acceptance" / "hostile_worker.py"
 @pytest.mark.slow(40)
 def test_a_student_whose_results_disagree_is_quarantined_and_never_counts(
         class_logins: ClassLogins, synth_zip: Path, tmp_path: Path) -> None:
-    local = _train_local(synth_zip, tmp_path)
+    local = _train_local(synth_zip, tmp_path, feature_maps=WIDTH)
     data = ["--data", str(synth_zip)]
     workers = [_spawn_script(HOSTILE_WORKER, "negate", class_logins.mallory, str(synth_zip), "mallory",
                             log=tmp_path / "mallory.log")]
@@ -31,6 +31,7 @@ def test_a_student_whose_results_disagree_is_quarantined_and_never_counts(
     out = tmp_path / "out"
     try:
         coord = _spawn("coordinator", "--db", class_logins.instructor, *data, "--no-tui", "--max-staleness", "0",
+                   "--feature-maps", str(WIDTH),
                        "--grad-dtype", "fp32", "--seed", str(SEED), "--unit-size", str(UNIT), "--units-per-step", "2",
                        "--max-steps", str(STEPS), "--checkpoint-every", str(STEPS), "--out", str(out),
                        "--local-steps", "1", "--spot-check", "1", log=tmp_path / "coord.log")

@@ -16,7 +16,7 @@ import torch
 from ganns_async.coordinator import Coordinator, CoordinatorOptions
 from ganns_async.training import TrainConfig
 from ganns_async.worker import Worker, WorkerOptions
-from helpers import SEED, STEPS, UNIT, UNITS_PER_STEP, _fetch, _max_diff, _train_local
+from helpers import SEED, STEPS, UNIT, UNITS_PER_STEP, WIDTH, _fetch, _max_diff, _train_local
 
 IMAGES = STEPS * UNITS_PER_STEP * UNIT
 
@@ -29,7 +29,7 @@ def _checkpoint_state(out: Path) -> dict[str, torch.Tensor]:
             **{f"EMA.{k}": v for k, v in ckpt["generator_state_dict"].items()}}
 
 
-def _coordinator(url: str, data: Path, out: Path, feature_maps: int = 64) -> Coordinator:
+def _coordinator(url: str, data: Path, out: Path, feature_maps: int = WIDTH) -> Coordinator:
     cfg = TrainConfig(seed=SEED, unit_size=UNIT, units_per_step=UNITS_PER_STEP, max_staleness=0,
                       grad_dtype="fp32", local_steps=1, feature_maps=feature_maps)
     return Coordinator(CoordinatorOptions(
@@ -74,7 +74,7 @@ def test_a_class_in_one_loop_ends_where_train_local_ends(migrated_url: str, synt
                                                         names: tuple[str, ...]) -> None:
     asyncio.run(_class_run(migrated_url, synth_zip, tmp_path / "out", names=names))
     got = _checkpoint_state(tmp_path / "out")
-    assert _max_diff(got, _train_local(synth_zip, tmp_path)) == 0.0
+    assert _max_diff(got, _train_local(synth_zip, tmp_path, feature_maps=WIDTH)) == 0.0
     assert _rows(migrated_url, "SELECT step, status, images_seen FROM runs") == [(STEPS, "done", IMAGES)]
     assert _rows(migrated_url, "SELECT step, images, units FROM metrics WHERE step >= 1 ORDER BY step") == [
         (s, UNITS_PER_STEP * UNIT, UNITS_PER_STEP) for s in range(1, STEPS + 1)]
@@ -88,7 +88,7 @@ def test_a_worker_cancelled_mid_unit_gives_it_back_and_the_run_is_still_exact(
         migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
     asyncio.run(_class_run(migrated_url, synth_zip, tmp_path / "out", leaver=True))
     got = _checkpoint_state(tmp_path / "out")
-    assert _max_diff(got, _train_local(synth_zip, tmp_path)) == 0.0
+    assert _max_diff(got, _train_local(synth_zip, tmp_path, feature_maps=WIDTH)) == 0.0
     assert _rows(migrated_url, "SELECT step, status, images_seen FROM runs") == [(STEPS, "done", IMAGES)]
     # The unit it held went back at once (`leave` releases claims; no lease had to expire,
     # so the sweep requeued nothing) and was computed by the worker that stayed.
@@ -100,9 +100,9 @@ def test_a_worker_cancelled_mid_unit_gives_it_back_and_the_run_is_still_exact(
 
 
 def test_workers_follow_each_run_to_its_width(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
-    """The same two workers stay online through a run at --feature-maps 8 and then one at 16:
-    each time they build networks of the run's width, and the second run still ends where
-    train-local at that width ends, bit for bit."""
+    """The same two workers (built at the default width, 64) stay online through a run at
+    --feature-maps 8 and then one at 16: each time they build networks of the run's width,
+    and the second run still ends where train-local at that width ends, bit for bit."""
     async def two_runs() -> None:
         tasks = [asyncio.create_task(_worker(migrated_url, synth_zip, name).run()) for name in ("ann", "ben")]
         try:

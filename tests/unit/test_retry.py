@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import asyncpg
 import pytest
 
-from ganns_async.db import connect, lost_connection
+from ganns_async.db import connect, lost_connection, lost_connection_in
 from ganns_async.errors import UserError
 from ganns_async.hub import push_backoff
 from ganns_async.retry import Backoff, SideTaskDied, SideTasks, retrying
@@ -145,3 +146,15 @@ def test_cancelling_the_main_task_is_not_mistaken_for_a_side_task_death() -> Non
         assert side.failure is None  # cancelled side tasks are not deaths
 
     asyncio.run(main())
+
+
+def test_parallel_fetches_that_lose_the_connection_together_count_as_one_lost_connection() -> None:
+    """The coordinator folds results in a TaskGroup; a server restart fails them as a group.
+    A group of nothing but lost connections is one (the loop retries it); anything else in
+    it is a real error and stays a group."""
+    shut = asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator command")
+    gone = asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+    assert lost_connection_in(ExceptionGroup("fetches", [shut, gone])) is shut
+    assert lost_connection_in(ExceptionGroup("fetches", [ExceptionGroup("inner", [gone]), shut])) is gone
+    assert lost_connection_in(ExceptionGroup("fetches", [shut, ValueError("a bug")])) is None
+    assert lost_connection_in(ExceptionGroup("fetches", [KeyError("a bug")])) is None

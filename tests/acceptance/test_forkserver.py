@@ -1,0 +1,74 @@
+"""The fork server the acceptance tests start their processes with (tests/forkserver.py)
+must be indistinguishable from ``subprocess``: a process of its own, its arguments, working
+directory, environment and streams, signals, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import forkserver
+from helpers import REPO
+
+PROBE = REPO / "tests" / "acceptance" / "forkserver_probe.py"
+
+
+def _first_line(path: Path, proc: forkserver.ForkedProcess | subprocess.Popen[bytes]) -> dict[str, object]:
+    deadline = time.monotonic() + 60
+    while not path.read_text().endswith("\n"):
+        assert proc.poll() is None and time.monotonic() < deadline, path.read_text()
+        time.sleep(0.02)
+    return json.loads(path.read_text().splitlines()[0])
+
+
+def test_a_forked_process_is_its_own_with_what_it_was_given(tmp_path: Path) -> None:
+    log = tmp_path / "probe.log"
+    with open(log, "wb") as fh:
+        proc = forkserver.popen([str(PROBE), "wait"], stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                env={**os.environ, "GANNS_PROBE": "yes"})
+    assert isinstance(proc, forkserver.ForkedProcess)
+    try:
+        seen = _first_line(log, proc)
+        assert seen == {"pid": proc.pid, "cwd": str(tmp_path), "argv": [str(PROBE), "wait"], "probe": "yes",
+                        "torch": True}  # torch came with the server, imported once
+        assert proc.pid != os.getpid() and proc.poll() is None
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(0.2)
+        proc.send_signal(signal.SIGINT)  # Python's own Ctrl-C handling, as in any process
+        assert proc.wait(30) == 3
+    finally:
+        proc.kill()
+    assert "to stderr" in log.read_text()
+
+
+def test_exit_codes_and_kills_come_back(tmp_path: Path) -> None:
+    assert forkserver.run([str(PROBE), "exit"], cwd=tmp_path, timeout=60).returncode == 7
+    log = tmp_path / "probe.log"
+    with open(log, "wb") as fh:
+        proc = forkserver.popen([str(PROBE), "wait"], stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
+    _first_line(log, proc)
+    proc.kill()
+    assert proc.wait(30) == -signal.SIGKILL
+    proc.kill()  # a process already gone: nothing to do, as with subprocess
+
+
+def test_the_cli_runs_and_its_output_is_captured() -> None:
+    r = forkserver.run(["-m", "ganns_async", "db", "status", "--db", "postgresql://nobody@/x?host=/nonexistent"],
+                       cwd=REPO, timeout=60)
+    assert r.returncode != 0 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert forkserver.run(["-m", "ganns_async", "--help"], cwd=REPO, timeout=60).stdout.startswith("Usage: ")
+
+
+def test_an_environment_read_at_import_time_gets_a_fresh_interpreter(tmp_path: Path) -> None:
+    """HF_HOME (huggingface_hub reads it when imported): the server's imports would not see a
+    new value, so such a request execs a fresh interpreter instead."""
+    with open(tmp_path / "log", "wb") as fh:
+        proc = forkserver.popen([str(PROBE), "exit"], stdout=fh, env={**os.environ, "HF_HOME": str(tmp_path)})
+    assert isinstance(proc, subprocess.Popen) and proc.wait(60) == 7
+    assert json.loads((tmp_path / "log").read_text().splitlines()[0])["torch"] is False
