@@ -19,7 +19,7 @@ import torch
 
 from ganns_async.local import LocalOptions, train_local
 from ganns_async.training import TrainConfig
-from helpers import _fetch, _spawn, _stop
+from helpers import WIDTH, _fetch, _spawn, _stop
 
 MB = 1024 * 1024
 
@@ -54,7 +54,9 @@ def test_resume_between_state_saves_replays_to_the_exact_result(migrated_url: st
     """Exact mode (fp32, Adam) and local mode (bf16 weights out and changes back, FedAvg:
     --resume must restore the fp32 master weights saved with the state, not the bf16
     broadcast) both replay to train-local's result."""
-    seed, unit, steps, every = 5, 8, 9, 4
+    # The narrow DCGAN (helpers.WIDTH) steps fast, so the window the kill must land in is
+    # five steps wide (7 to 11).
+    seed, unit, steps, every = 5, 8, 13, 6
     wire = "fp32" if local_steps == 1 else "bf16"
     common = ["--db", migrated_url, "--data", str(synth_zip)]
     run_args = ["--max-steps", str(steps), "--out", str(tmp_path / "out"), "--eval-every", "0",
@@ -63,7 +65,7 @@ def test_resume_between_state_saves_replays_to_the_exact_result(migrated_url: st
     try:
         coord = _spawn("coordinator", *common, *run_args, "--seed", str(seed), "--unit-size", str(unit),
                        "--units-per-step", "2", "--max-staleness", "0", "--grad-dtype", wire,
-                       "--local-steps", str(local_steps),
+                       "--local-steps", str(local_steps), "--feature-maps", str(WIDTH),
                        "--state-every", str(every), log=tmp_path / "coord1.log")
         asyncio.run(_wait_for_step(migrated_url, 1))
         # Two more students online than units to share (2 units a step, staleness 0).
@@ -95,7 +97,7 @@ def test_resume_between_state_saves_replays_to_the_exact_result(migrated_url: st
     threads = torch.get_num_threads()
     try:
         cfg = TrainConfig(seed=seed, unit_size=unit, units_per_step=2, max_staleness=0, grad_dtype=wire,
-                          local_steps=local_steps)
+                          local_steps=local_steps, feature_maps=WIDTH)
         local = train_local(LocalOptions(data=str(synth_zip), max_steps=steps, out=tmp_path / "local",
                                          config=cfg, checkpoint_every=steps, threads=1))
     finally:
