@@ -18,9 +18,10 @@ from ganns_async.errors import PayloadError
 from ganns_async.intake import GradientIntake
 from ganns_async.screening import Norms
 from ganns_async.training import StepAccumulator, TrainConfig, Trainer, plan_unit, run_unit
-from helpers import SEED, UNIT
+from helpers import SEED, UNIT, WIDTH
 
-CFG = TrainConfig(seed=SEED, unit_size=UNIT, units_per_step=2, max_staleness=0, local_steps=1, grad_dtype="fp32")
+CFG = TrainConfig(seed=SEED, unit_size=UNIT, units_per_step=2, max_staleness=0, local_steps=1, grad_dtype="fp32",
+                  feature_maps=WIDTH)  # the narrow DCGAN: the screens do not depend on the width
 
 
 def _honest_units(data: Path, trainer: Trainer, count: int) -> list[tuple[bytes, int]]:
