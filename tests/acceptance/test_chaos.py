@@ -15,6 +15,7 @@ real CLI in subprocesses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -124,6 +125,20 @@ class Cluster:
             self.workers[name] = self._spawn(name, "worker", "--db", self.worker_proxy.url_for("chaos"),
                                              "--data", str(self.data), "--name", name, *WORKER_ARGS)
 
+    @contextlib.contextmanager
+    def hold(self, *names: str) -> Iterator[None]:
+        """Workers ``names`` stopped (SIGSTOP) while the body runs, then continued. The narrow
+        DCGAN trains a step in a fraction of a second; with the workers held, the run cannot
+        finish (at most the step whose results are already in completes) before a fault is
+        in place."""
+        for name in names:
+            self.workers[name].send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for name in names:
+                self.workers[name].send_signal(signal.SIGCONT)
+
     def log(self, name: str = "coordinator") -> str:
         path = self.tmp / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -221,7 +236,8 @@ def test_server_restart(cluster: Cluster, expected: dict[str, torch.Tensor], mod
     cluster.start_coordinator()
     cluster.start_workers("w1", "w2")
     cluster.wait_step(1)
-    cluster.srv.restart(mode)  # type: ignore[arg-type]
+    with cluster.hold("w1", "w2"):
+        cluster.srv.restart(mode)  # type: ignore[arg-type]
     cluster.assert_exact(expected)
     assert "run lock taken again" in cluster.log()
 
@@ -273,10 +289,11 @@ def test_cut_in_the_middle_of_a_publish(cluster: Cluster, expected: dict[str, to
     cluster.start_coordinator()
     cluster.start_workers("w1", "w2")
     cluster.wait_step(1)
-    if where == "before the commit":
-        cut = cluster.coordinator_proxy.cut_when(lambda d, chunk, _c: d == "up" and b"COMMIT" in chunk)
-    else:
-        cut = cluster.coordinator_proxy.cut_when(lambda d, chunk, _c: d == "down" and b"COMMIT\x00" in chunk)
+    with cluster.hold("w1", "w2"):
+        if where == "before the commit":
+            cut = cluster.coordinator_proxy.cut_when(lambda d, chunk, _c: d == "up" and b"COMMIT" in chunk)
+        else:
+            cut = cluster.coordinator_proxy.cut_when(lambda d, chunk, _c: d == "down" and b"COMMIT\x00" in chunk)
     cluster.assert_exact(expected)
     assert cut.fired.is_set()
     assert "publishing step" in cluster.log()  # the retry said so
@@ -313,7 +330,8 @@ def test_coordinator_killed_in_the_middle_of_a_publish_then_resumed(cluster: Clu
             return True
         return False
 
-    cut = cluster.coordinator_proxy.cut_when(kill_at_commit)
+    with cluster.hold("w1", "w2"):
+        cut = cluster.coordinator_proxy.cut_when(kill_at_commit)
     assert coordinator.wait(180) == -signal.SIGKILL
     assert cut.fired.is_set()
     # And the resume itself loses its connection as it rewinds (the start-up retries it whole).
@@ -330,9 +348,10 @@ def test_worker_killed_in_the_middle_of_a_unit(cluster: Cluster, expected: dict[
     cluster.start_coordinator()
     cluster.start_workers("w1", "w2")
     cluster.wait_step(1)
-    cluster.wait_until("a worker computing", lambda: bool(
-        cluster.query("SELECT 1 FROM workers WHERE state = 'computing' AND name = 'w1'")))
-    cluster.workers["w1"].send_signal(signal.SIGKILL)
+    with cluster.hold("w2"):  # w1 computes the rest alone, so the run waits for it
+        cluster.wait_until("a worker computing", lambda: bool(
+            cluster.query("SELECT 1 FROM workers WHERE state = 'computing' AND name = 'w1'")))
+        cluster.workers["w1"].send_signal(signal.SIGKILL)
     cluster.assert_exact(expected)
     assert cluster.workers["w1"].wait(5) == -signal.SIGKILL
 
@@ -390,7 +409,8 @@ def test_run_lock_taken_by_a_rival_while_cut_off(cluster: Cluster, expected: dic
         await conn.close()  # the rival lets go
         return rc
 
-    rc = asyncio.run(rival())
+    with cluster.hold("w1", "w2"):
+        rc = asyncio.run(rival())
     assert rc != 0
     assert "is now coordinated by another process" in cluster.log()
     assert cluster.query("SELECT status FROM runs")[0]["status"] == "running"  # not paused by the loser
