@@ -56,7 +56,7 @@ WORKER_ARGS = ["--no-tui", "--threads", "1", "--lease-seconds", "10", "--heartbe
                "--sweep-seconds", "3"]
 LOCK_KEY = 72184555  # queries.sql: try_lock_run
 
-pytestmark = [pytest.mark.timeout(420), pytest.mark.slow(30)]
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow(5)]
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ def _model_card_generator(checkpoint_path: Path) -> nn.Module:
     return generator
 
 
-@pytest.mark.slow(35)
+@pytest.mark.slow(21)
 def test_coordinator_and_two_workers_train_and_checkpoint_loads(class_logins: ClassLogins, synth_zip: Path,
                                                                tmp_path: Path) -> None:
     """As in a class: the instructor's login runs the coordinator, two students' logins the workers."""
@@ -110,7 +110,7 @@ def test_coordinator_and_two_workers_train_and_checkpoint_loads(class_logins: Cl
     assert [r["version"] for r in states] == [3]
 
 
-@pytest.mark.slow(30)
+@pytest.mark.slow(24)
 def test_worker_killed_mid_unit_does_not_lose_the_run(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     common = ["--db", migrated_url, "--data", str(synth_zip)]
@@ -189,7 +189,7 @@ def test_worker_with_other_data_refuses_to_join(migrated_url: str, synth_zip: Pa
     assert state[0]["state"] == "offline"
 
 
-@pytest.mark.slow(35)
+@pytest.mark.slow(26)
 def test_demo_runs_end_to_end_on_its_own_embedded_postgres(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     r = cli("demo", "--max-steps", "2", "--local-steps", "4", "--synthetic-count", "64", "--out", str(out), timeout=400)

@@ -39,7 +39,7 @@ def local_state(synth_zip: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     return _train_local(synth_zip, tmp_path, feature_maps=WIDTH)
 
 
-@pytest.mark.slow(30)
+@pytest.mark.slow(5)
 def test_two_workers_through_the_cli_agree_with_train_local(migrated_url: str, synth_zip: Path, tmp_path: Path,
                                                             local_state: dict[str, torch.Tensor]) -> None:
     """The real CLI in exact mode (--local-steps 1). One worker, and a worker leaving
@@ -54,7 +54,7 @@ def test_two_workers_through_the_cli_agree_with_train_local(migrated_url: str, s
     assert float((g0.main[0].weight.detach() - local_state["G.main.0.weight"]).abs().max()) > 1e-4
 
 
-@pytest.mark.slow(55)
+@pytest.mark.slow(11)
 def test_local_steps_run_equals_its_train_local_simulation(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
     """Local mode: two workers each train 3 inner steps per unit on bf16-published weights
     and send bf16 changes; the coordinator averages them with a Nesterov outer step on its

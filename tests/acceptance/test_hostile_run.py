@@ -19,7 +19,7 @@ HOSTILE_WORKER = REPO / "tests" / "acceptance" / "hostile_worker.py"
 
 
 @pytest.mark.parametrize("attack", ["scale", "flip"])
-@pytest.mark.slow(45)
+@pytest.mark.slow(6)
 def test_a_run_with_a_lying_student_ends_where_train_local_ends(
         attack: str, class_logins: ClassLogins, synth_zip: Path, tmp_path: Path) -> None:
     """fp32, exact, staleness 0: mallory (a student) tampers with every result; alice and bob

@@ -48,7 +48,7 @@ def _weights(ckpt: dict) -> dict[str, torch.Tensor]:  # type: ignore[type-arg]
 
 
 @pytest.mark.parametrize("local_steps", [1, 2], ids=["exact", "local"])
-@pytest.mark.slow(70)
+@pytest.mark.slow(10)
 def test_resume_between_state_saves_replays_to_the_exact_result(migrated_url: str, synth_zip: Path,
                                                                 tmp_path: Path, local_steps: int) -> None:
     """Exact mode (fp32, Adam) and local mode (bf16 weights out and changes back, FedAvg:
@@ -130,7 +130,7 @@ async def _sizes_and_connections(url: str, marks: list[int]) -> tuple[dict[int, 
     return sizes, conns
 
 
-@pytest.mark.slow(110)
+@pytest.mark.slow(45)
 def test_database_stays_flat_over_100_steps_and_a_worker_holds_two_connections(
         migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
     """The default configuration (local steps, bf16 weights and changes, one unit per

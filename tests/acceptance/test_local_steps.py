@@ -25,7 +25,7 @@ from helpers import _fetch, _spawn, _stop, cli
 ROUNDS, LR, WIDTH = 16, "1e-3", 16
 
 
-@pytest.mark.slow(30)
+@pytest.mark.slow(27)
 @pytest.mark.timeout(900)  # 25 s alone; it shares 2 cores with the other xdist process's tests
 def test_two_workers_with_local_steps_learn_faces_they_have_not_seen(migrated_url: str, tmp_path: Path) -> None:
     train, held_out = tmp_path / "train.zip", tmp_path / "held_out.zip"

@@ -66,7 +66,7 @@ def test_notebooks_are_valid_and_clean() -> None:
 
 
 
-@pytest.mark.slow(60)
+@pytest.mark.slow(15)
 def test_worker_notebook_joins_a_class_and_trains(migrated_url: str, synth_zip: Path, tmp_path: Path,
                                                   fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_hub.files[("class/celeba", "data/faces.zip")] = synth_zip.read_bytes()
@@ -105,7 +105,7 @@ def test_worker_notebook_joins_a_class_and_trains(migrated_url: str, synth_zip: 
     assert [r["state"] for r in state] == ["offline"], "stopping the cell says goodbye"
 
 
-@pytest.mark.slow(40)
+@pytest.mark.slow(6)
 def test_stopping_the_worker_cell_gives_the_unit_back(migrated_url: str, synth_zip: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The stop button (a kernel interrupt) in the middle of a unit: the cell ends without an

@@ -76,7 +76,7 @@ def test_hostile_gradient_is_rejected_and_its_unit_recomputed(migrated_url: str,
     assert [tuple(r) for r in asyncio.run(_fetch(migrated_url, "SELECT status, step FROM runs"))] == [("done", 2)]
 
 
-@pytest.mark.slow(35)
+@pytest.mark.slow(22)
 def test_coordinator_killed_mid_run_resumes_from_the_database(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
     common = ["--db", migrated_url, "--data", str(synth_zip)]
     out = tmp_path / "out"

@@ -19,7 +19,7 @@ from helpers import (
 HOSTILE_WORKER = REPO / "tests" / "acceptance" / "hostile_worker.py"
 
 
-@pytest.mark.slow(40)
+@pytest.mark.slow(6)
 def test_a_student_whose_results_disagree_is_quarantined_and_never_counts(
         class_logins: ClassLogins, synth_zip: Path, tmp_path: Path) -> None:
     local = _train_local(synth_zip, tmp_path, feature_maps=WIDTH)

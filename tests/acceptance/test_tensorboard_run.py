@@ -13,7 +13,7 @@ from helpers import _fetch, _spawn, _stop, cli
 STEPS = 3
 
 
-@pytest.mark.slow(20)
+@pytest.mark.slow(8)
 def test_coordinator_writes_one_point_per_step(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

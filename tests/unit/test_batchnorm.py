@@ -29,7 +29,7 @@ def _eval_matches_train(g: Generator, noise: torch.Tensor) -> tuple[bool, str]:
     return ok, f"mean diff {(m_e - m_t).abs().max():.3f}, std ratio {ratio.min():.3f}..{ratio.max():.3f}"
 
 
-@pytest.mark.slow(50)
+@pytest.mark.slow(6)
 def test_eval_mode_samples_match_train_mode(synth_zip: Path, tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     try:
