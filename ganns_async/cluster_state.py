@@ -256,6 +256,10 @@ class SnapshotFeeder:
         if blob is None:
             return
         cfg = TrainConfig.from_json(run["config"])
+        try:
+            cfg.check()  # its width sizes the networks built here
+        except (ValueError, TypeError):
+            return
 
         def render() -> np.ndarray:
             g, d = Generator(feature_maps=cfg.feature_maps), Discriminator(feature_maps=cfg.feature_maps)

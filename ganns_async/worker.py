@@ -302,8 +302,13 @@ class Worker:
                 f"(fingerprint {run.dataset_fingerprint}), but --data {self.opts.data} has "
                 f"{len(self.dataset)} (fingerprint {self.dataset.fingerprint}); use the same dataset as the coordinator"
             )
+        cfg = TrainConfig.from_json(run.config)
+        try:
+            cfg.check()  # the width sizes what we allocate: never trust a number from the database
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"refusing to join run {run.id}: its configuration is not one a coordinator makes ({exc})") from None
         self._joined_run = run.id
-        self._cfg = TrainConfig.from_json(run.config)
+        self._cfg = cfg
         if self._cfg.feature_maps != self.feature_maps:
             await self._in_thread(self._build_models, self._cfg.feature_maps)
         # Counted as the run's worker at once (dashboards, the next round's width); the

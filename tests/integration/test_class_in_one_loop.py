@@ -122,3 +122,23 @@ def test_workers_follow_each_run_to_its_width(migrated_url: str, synth_zip: Path
         (STEPS, "done", IMAGES), (STEPS, "done", IMAGES)]
     units = dict(_rows(migrated_url, "SELECT name, units_done FROM workers"))
     assert sum(units.values()) == 2 * STEPS * UNITS_PER_STEP, units
+
+
+@pytest.mark.parametrize("width", [100_000, "wide"])
+def test_a_worker_refuses_a_run_whose_width_no_coordinator_makes(migrated_url: str, synth_zip: Path,
+                                                                  width: object) -> None:
+    """The width sizes what a worker allocates: a run whose configuration asks for networks
+    no coordinator would make (written by hand into the database) is refused with one line,
+    before any memory is spent on it."""
+    import json
+
+    from ganns_async.data import ImageDataset
+    from ganns_async.errors import UserError
+
+    with ImageDataset.open(str(synth_zip)) as ds:
+        fingerprint, size = ds.fingerprint, len(ds)
+    config = json.loads(TrainConfig(seed=SEED, unit_size=UNIT).to_json()) | {"feature_maps": width}
+    asyncio.run(_fetch(migrated_url, "INSERT INTO runs (config, dataset_fingerprint, dataset_size, status) "
+                                     "VALUES ($1::jsonb, $2, $3, 'running')", json.dumps(config), fingerprint, size))
+    with pytest.raises(UserError, match="refusing to join run .*: its configuration is not one a coordinator makes"):
+        asyncio.run(asyncio.wait_for(_worker(migrated_url, synth_zip, "careful").run(), 120))
