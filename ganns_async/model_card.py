@@ -21,12 +21,11 @@ TITLE = "GANNs with Friends - Distributed DCGAN for CelebA"
 CHECKPOINT_NAME = "checkpoint_latest.pth"  # as ganns_async.outputs (not imported: it pulls in torch)
 DATA_REPO = "gperdrizet/GANNs-with-friends"
 DATA_FILE = "data/img_align_celeba.zip"
-GENERATOR_PARAMETERS = 3_576_704  # at the model card's width, 64
-DISCRIMINATOR_PARAMETERS = 2_765_568
 
 
 def generator_parameters(f: int) -> int:
-    """Parameters of ``Generator(feature_maps=f)`` (conv weights, no biases; BatchNorm's two)."""
+    """Parameters of ``Generator(feature_maps=f)`` (conv weights, no biases; BatchNorm's two),
+    counted without building it (this module does not import torch); 3,576,704 at 64."""
     return 16 * (100 * 8 * f + 8 * f * 4 * f + 4 * f * 2 * f + 2 * f * f + f * 3) + 2 * (8 + 4 + 2 + 1) * f
 
 
