@@ -34,6 +34,7 @@ The weights are never downloaded: pass the ``pt_inception-2015-12-05-6726825d.pt
 from __future__ import annotations
 
 import copy
+import math
 import os
 import threading
 from collections.abc import Mapping
@@ -55,6 +56,7 @@ __all__ = [
     "load_fid_inception",
     "inception_features",
     "frechet_distance",
+    "frechet_distance_of_features",
     "fid_from_weights",
     "evaluate_generator",
     "evaluate_checkpoint",
@@ -435,9 +437,34 @@ def fid_from_weights(real: torch.Tensor, fake: torch.Tensor, weights_path: str |
     net = load_fid_inception(weights_path)
     if device is not None:
         net = net.to(device)
-    mu1, s1 = _gaussian(inception_features(net, real, batch=batch))
-    mu2, s2 = _gaussian(inception_features(net, fake, batch=batch))
-    return frechet_distance(mu1, s1, mu2, s2)
+    return frechet_distance_of_features(inception_features(net, real, batch=batch),
+                                        inception_features(net, fake, batch=batch))
+
+
+def frechet_distance_of_features(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """The Fréchet distance between the Gaussians fitted to two feature sets (rows are images).
+
+    With fewer images than feature dimensions (512 images against Inception's 2048), each
+    covariance ``S = AᵀA / (n - 1)`` (``A``: the centred features) has rank below ``n``, and
+    ``tr sqrtm(S1 S2)`` is the sum of the singular values of ``A1 A2ᵀ / sqrt((n1-1)(n2-1))``:
+    the non-zero eigenvalues of ``S1 S2`` are those of ``M Mᵀ`` for that ``M``. That is exact,
+    and an n1 x n2 SVD costs far less than two 2048 x 2048 eigendecompositions. With more
+    images the covariances themselves are the smaller matrices (:func:`frechet_distance`).
+    """
+    n1, n2, dims = f1.shape[0], f2.shape[0], f1.shape[1]
+    if min(n1, n2) >= dims:
+        mu1, s1 = _gaussian(f1)
+        mu2, s2 = _gaussian(f2)
+        return frechet_distance(mu1, s1, mu2, s2)
+    if n1 < 2 or n2 < 2:
+        raise ValueError("FID needs at least 2 images per set")
+    a, b = f1.to(torch.float64), f2.to(torch.float64)
+    mu1, mu2 = a.mean(dim=0), b.mean(dim=0)
+    a, b = a - mu1, b - mu2
+    tr1, tr2 = (a * a).sum() / (n1 - 1), (b * b).sum() / (n2 - 1)
+    tr_covmean = torch.linalg.svdvals(a @ b.t()).sum() / math.sqrt((n1 - 1) * (n2 - 1))
+    diff = mu1 - mu2
+    return max(float(diff @ diff + tr1 + tr2 - 2 * tr_covmean), 0.0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,7 +15,11 @@ Start-up itself is not tested through here: ``tests/acceptance/test_cli_startup.
 a fresh interpreter. Any request whose environment differs from the server's in a variable
 that a module may read when it is imported (anything but ``GANNS_*``, ``PG*``, ``PYTEST_*``,
 ``DATABASE_URL``, ``PYTHONUNBUFFERED``, ``PYTHONFAULTHANDLER`` and a few others listed below)
-also execs, and so does every request when ``GANNS_TEST_EXEC=1`` is set.
+also execs, and so does every request when ``GANNS_TEST_EXEC=1`` is set. One family is
+handled without an exec: huggingface_hub reads ``HF_*`` when it is imported (the cache
+folder, the endpoint), so a child whose ``HF_*`` differ first drops huggingface_hub and
+``ganns_async`` (the only modules that hold anything of it) and imports them afresh, as a
+new interpreter would; torch stays.
 
 How a child's exit status comes back: the server forks a small waiter for each request, and
 the waiter forks the child. The waiter sends the child's pid over the request's socket, then
@@ -48,6 +52,10 @@ _RUNTIME_PREFIXES = ("GANNS_", "PG", "_GANNS", "PYTEST_")  # PYTEST_CURRENT_TEST
 # TORCHINDUCTOR_CACHE_DIR: torch sets it in the test process when the first optimizer is
 # made. It says where compiled kernels are cached, and nothing here compiles any.
 _RUNTIME_NAMES = {"DATABASE_URL", "PYTHONUNBUFFERED", "PYTHONFAULTHANDLER", "COLUMNS", "LINES", "TORCHINDUCTOR_CACHE_DIR"}
+# Read by huggingface_hub when it is imported: a child whose values differ imports these
+# packages again (nothing else that the server imports holds a reference into them).
+_REIMPORT_PREFIXES = ("HF_", "HUGGING_FACE_")
+_REIMPORTED = ("huggingface_hub", "ganns_async")
 _TESTS = Path(__file__).resolve().parent  # scripts under it (tests/acceptance/*.py) fork too
 # What the CLI's commands import, at start-up or on first use (torch.optim imports
 # torch._dynamo the first time an optimizer is made: 2 s of CPU).
@@ -95,6 +103,9 @@ def _run_child(request: dict[str, Any], fds: list[int]) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        if request.get("reimport"):
+            for name in [n for n in sys.modules if n in _REIMPORTED or n.startswith(tuple(p + "." for p in _REIMPORTED))]:
+                del sys.modules[name]
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -296,12 +307,17 @@ def _get_server() -> _Server:
         return _server
 
 
-def _forkable(env: dict[str, str], server_env: dict[str, str]) -> bool:
-    """Whether a child of the server, started with ``server_env``, can run with ``env``."""
+def _forkable(env: dict[str, str], server_env: dict[str, str]) -> tuple[bool, bool]:
+    """Whether a child of the server, started with ``server_env``, can run with ``env``, and
+    whether it must import huggingface_hub and ganns_async again to do so."""
+    reimport = False
     for name in set(env) | set(server_env):
-        if env.get(name) != server_env.get(name) and not (name in _RUNTIME_NAMES or name.startswith(_RUNTIME_PREFIXES)):
-            return False
-    return True
+        if env.get(name) == server_env.get(name) or name in _RUNTIME_NAMES or name.startswith(_RUNTIME_PREFIXES):
+            continue
+        if not name.startswith(_REIMPORT_PREFIXES):
+            return False, False
+        reimport = True
+    return True, reimport
 
 
 def popen(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
@@ -314,7 +330,8 @@ def popen(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | os.P
     wanted = os.environ.get("GANNS_TEST_EXEC") != "1" and (argv[:2] == ["-m", "ganns_async"]
                                                           or Path(argv[0]).parent.parent == _TESTS)
     server = _get_server() if wanted else None
-    if server is None or not _forkable(full_env, server.env):
+    forkable, reimport = _forkable(full_env, server.env) if server is not None else (False, False)
+    if server is None or not forkable:
         return subprocess.Popen([sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                 env=full_env, cwd=cwd)
 
@@ -325,7 +342,7 @@ def popen(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | os.P
 
     out = fd_of(stdout, 1)
     err = out if stderr == subprocess.STDOUT else fd_of(stderr, 2)
-    request = {"argv": argv, "env": full_env, "cwd": str(cwd or os.getcwd())}
+    request = {"argv": argv, "env": full_env, "cwd": str(cwd or os.getcwd()), "reimport": reimport}
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     conn.connect(server.path)
     with open(os.devnull, "rb") as devnull:

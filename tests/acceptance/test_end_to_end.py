@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ganns_async.demo import _stop_all
-from helpers import PY, REPO, ClassLogins, _fetch, _spawn, _stop, _wait_for_worker_state, cli
+from helpers import PY, REPO, WIDTH, ClassLogins, _fetch, _spawn, _stop, _wait_for_worker_state, cli
 
 def _model_card_generator(checkpoint_path: Path) -> nn.Module:
     """The model card's own loading snippet, verbatim except for the download."""
@@ -114,8 +114,9 @@ def test_coordinator_and_two_workers_train_and_checkpoint_loads(class_logins: Cl
 def test_worker_killed_mid_unit_does_not_lose_the_run(migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     common = ["--db", migrated_url, "--data", str(synth_zip)]
-    coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "2", "--unit-size", "32", "--units-per-step", "2",
-                   "--sweep-seconds", "1", "--out", str(out), log=tmp_path / "coord.log")
+    # Units of 8 x 32 images: long enough (about a second at this width) to be killed in.
+    coord = _spawn("coordinator", "--local-steps", "8", *common, "--max-steps", "1", "--unit-size", "32", "--units-per-step", "2",
+                   "--feature-maps", str(WIDTH), "--sweep-seconds", "1", "--out", str(out), log=tmp_path / "coord.log")
     victim = _spawn("worker", *common, "--name", "victim", "--threads", "1", "--lease-seconds", "3",
                     "--heartbeat-seconds", "1", log=tmp_path / "victim.log")
     survivor = None
@@ -133,7 +134,7 @@ def test_worker_killed_mid_unit_does_not_lose_the_run(migrated_url: str, synth_z
     events = asyncio.run(_fetch(migrated_url, "SELECT kind, message FROM events WHERE kind = 'requeue'"))
     assert events and "victim" in events[0]["message"], (tmp_path / "coord.log").read_text()
     done = asyncio.run(_fetch(migrated_url, "SELECT status, step FROM runs"))
-    assert [tuple(r) for r in done] == [("done", 2)]
+    assert [tuple(r) for r in done] == [("done", 1)]
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "the demo, started in the background"])
@@ -192,7 +193,9 @@ def test_worker_with_other_data_refuses_to_join(migrated_url: str, synth_zip: Pa
 @pytest.mark.slow(26)
 def test_demo_runs_end_to_end_on_its_own_embedded_postgres(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    r = cli("demo", "--max-steps", "2", "--local-steps", "4", "--synthetic-count", "64", "--out", str(out), timeout=400)
+    # The model card's DCGAN (the demo's default width), on a small dataset in small units.
+    r = cli("demo", "--max-steps", "2", "--local-steps", "2", "--unit-size", "8", "--synthetic-count", "64",
+            "--out", str(out), timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "[demo] checkpoint:" in r.stdout and "[demo] quality:      SWD x1e3" in r.stdout
     ckpt = torch.load(out / "checkpoint_latest.pth", map_location="cpu")

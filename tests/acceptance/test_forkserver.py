@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,9 +67,25 @@ def test_the_cli_runs_and_its_output_is_captured() -> None:
 
 
 def test_an_environment_read_at_import_time_gets_a_fresh_interpreter(tmp_path: Path) -> None:
-    """HF_HOME (huggingface_hub reads it when imported): the server's imports would not see a
+    """OMP_NUM_THREADS (torch reads it when imported): the server's imports would not see a
     new value, so such a request execs a fresh interpreter instead."""
+    other = "2" if os.environ.get("OMP_NUM_THREADS") == "1" else "1"
     with open(tmp_path / "log", "wb") as fh:
-        proc = forkserver.popen([str(PROBE), "exit"], stdout=fh, env={**os.environ, "HF_HOME": str(tmp_path)})
+        proc = forkserver.popen([str(PROBE), "exit"], stdout=fh, env={**os.environ, "OMP_NUM_THREADS": other})
     assert isinstance(proc, subprocess.Popen) and proc.wait(60) == 7
     assert json.loads((tmp_path / "log").read_text().splitlines()[0])["torch"] is False
+
+
+def test_a_new_hf_home_is_seen_by_a_forked_child(tmp_path: Path) -> None:
+    """HF_HOME is read by huggingface_hub when it is imported: a forked child imports it (and
+    ganns_async, which holds it) again, and sees the cache folder a new interpreter would."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "GANNS_PROBE_HUB": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    with open(tmp_path / "forked", "wb") as fh:
+        forked = forkserver.popen([str(PROBE), "exit"], stdout=fh, env=env)
+    assert isinstance(forked, forkserver.ForkedProcess) and forked.wait(60) == 7
+    fresh = subprocess.run([sys.executable, str(PROBE), "exit"], capture_output=True, text=True, env=env, timeout=120)
+    got, want = (json.loads(text.splitlines()[0]) for text in ((tmp_path / "forked").read_text(), fresh.stdout))
+    assert got["torch"] is True and want["torch"] is False  # forked from the server, and a new interpreter
+    assert got["hf_hub_cache"] == want["hf_hub_cache"] == str(tmp_path / "hf" / "hub")
+    assert got["same_hub"] is True and want["same_hub"] is True

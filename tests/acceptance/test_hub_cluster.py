@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fakehub import FakeHub, _closed_port, _committed
-from helpers import _fetch, _spawn, _stop, cli
+from helpers import WIDTH, _fetch, _spawn, _stop, cli
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_failing_hub_never_stops_training(migrated_url: str, synth_zip: Path, tm
                     "--threads", "1", log=tmp_path / "w.log")
     try:
         r = cli("coordinator", "--local-steps", "2", "--db", migrated_url, "--data", str(synth_zip), "--max-steps", "3",
-                "--unit-size", "8", "--eval-every", "0", "--checkpoint-every", "1", "--hf-repo", "teacher/x",
+                "--unit-size", "8", "--feature-maps", str(WIDTH), "--eval-every", "0", "--checkpoint-every", "1", "--hf-repo", "teacher/x",
                 "--hf-push-every", "1", "--out", str(tmp_path / "out"), timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
     finally:

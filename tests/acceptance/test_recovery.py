@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 import torch
 
-from helpers import _fetch, _spawn, _stop
+from helpers import WIDTH, _fetch, _spawn, _stop
 
 
 async def _plant_hostile_gradient(url: str, payload: bytes) -> int:
@@ -83,7 +83,7 @@ def test_coordinator_killed_mid_run_resumes_from_the_database(migrated_url: str,
     worker = _spawn("worker", *common, "--name", "steady", "--threads", "1", log=tmp_path / "w.log")
     try:
         coord = _spawn("coordinator", *common, "--max-steps", "4", "--unit-size", "16", "--units-per-step", "2",
-                       "--local-steps", "1", "--out", str(out), log=tmp_path / "coord1.log")
+                       "--local-steps", "1", "--feature-maps", str(WIDTH), "--out", str(out), log=tmp_path / "coord1.log")
 
         async def wait_for_step(target: int) -> None:
             conn = await asyncpg.connect(migrated_url)
@@ -123,7 +123,7 @@ def test_step_closes_on_its_deadline_with_min_units(migrated_url: str, synth_zip
     """A unit held by a silent worker does not block the class: the step closes without it."""
     common = ["--db", migrated_url, "--data", str(synth_zip)]
     coord = _spawn("coordinator", *common, "--max-steps", "2", "--unit-size", "8", "--units-per-step", "3",
-                   "--local-steps", "1", "--step-timeout", "15", "--min-units", "2", "--max-staleness", "0", "--eval-every", "0",
+                   "--local-steps", "1", "--feature-maps", str(WIDTH), "--step-timeout", "15", "--min-units", "2", "--max-staleness", "0", "--eval-every", "0",
                    "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
 
     async def hog() -> int:
@@ -163,7 +163,8 @@ def test_a_second_coordinator_cannot_take_over_a_live_run(migrated_url: str, syn
     from helpers import cli
 
     common = ["--db", migrated_url, "--data", str(synth_zip)]
-    first = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "5", "--eval-every", "0", "--out", str(tmp_path / "a"),
+    first = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "5", "--feature-maps", str(WIDTH),
+                   "--eval-every", "0", "--out", str(tmp_path / "a"),
                    log=tmp_path / "first.log")
     try:
         async def wait_for_run() -> None:
@@ -194,7 +195,8 @@ def test_operator_pauses_resumes_and_stops_the_run(migrated_url: str, synth_zip:
     from helpers import cli
 
     common = ["--db", migrated_url, "--data", str(synth_zip)]
-    coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "1000", "--unit-size", "8", "--eval-every", "0",
+    coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "1000", "--unit-size", "8",
+                   "--feature-maps", str(WIDTH), "--eval-every", "0",
                    "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
     worker = _spawn("worker", *common, "--name", "obedient", "--threads", "1", log=tmp_path / "w.log")
     try:
@@ -227,14 +229,14 @@ def test_a_change_no_honest_unit_could_make_is_refused(migrated_url: str, synth_
     from ganns_async.model import build_models
     from ganns_async.training import state_tensors
 
-    g, d = build_models(0)
+    g, d = build_models(0, WIDTH)
     params = {f"G.{k}" for k, _ in g.named_parameters()} | {f"D.{k}" for k, _ in d.named_parameters()}
     forged = {k: (torch.ones_like(v) if k in params else v) for k, v in state_tensors(g, d).items()}
     payload = codec.encode_tensors(forged, meta={"n_samples": 16, "metrics": {}, "skipped": 0},
                                  float_dtype="bf16")
     unit_id = _run_with_planted_result(migrated_url, synth_zip, tmp_path, payload, "--local-steps", "2",
                                        "--max-steps", "1", "--unit-size", "8", "--units-per-step", "2",
-                                       "--eval-every", "0")
+                                       "--feature-maps", str(WIDTH), "--eval-every", "0")
     rejections = asyncio.run(_fetch(migrated_url, "SELECT unit_id, reason FROM rejections"))
     assert len(rejections) == 1 and rejections[0]["unit_id"] == unit_id
     assert "changed by 1" in rejections[0]["reason"] and "Adam steps" in rejections[0]["reason"]
@@ -254,10 +256,10 @@ def test_a_unit_with_bad_indices_is_reported_and_the_worker_goes_on(migrated_url
     from ganns_async.model import build_models
     from ganns_async.training import TrainConfig, state_tensors
 
-    cfg = TrainConfig(seed=1, unit_size=4, units_per_step=2, local_steps=1, grad_dtype="fp32")
+    cfg = TrainConfig(seed=1, unit_size=4, units_per_step=2, local_steps=1, grad_dtype="fp32", feature_maps=WIDTH)
     with ImageDataset.open(synth_zip) as ds:
         fingerprint, size = ds.fingerprint, len(ds)
-    g, d = build_models(cfg.seed)
+    g, d = build_models(cfg.seed, cfg.feature_maps)
     weights = codec.encode_tensors(state_tensors(g, d), float_dtype="fp32")
 
     async def setup() -> tuple[int, int, int]:

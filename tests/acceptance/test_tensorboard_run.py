@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import _fetch, _spawn, _stop, cli
+from helpers import WIDTH, _fetch, _spawn, _stop, cli
 
 STEPS = 3
 
@@ -22,7 +22,7 @@ def test_coordinator_writes_one_point_per_step(migrated_url: str, synth_zip: Pat
     worker = _spawn("worker", *common, "--name", "tb", "--threads", "1", "--no-tui", log=tmp_path / "worker.log")
     try:
         coord = cli("coordinator", *common, "--no-tui", "--max-steps", str(STEPS), "--unit-size", "8",
-                    "--local-steps", "1", "--units-per-step", "1", "--eval-every", str(STEPS), "--eval-n", "16",
+                    "--local-steps", "1", "--units-per-step", "1", "--feature-maps", str(WIDTH), "--eval-every", str(STEPS), "--eval-n", "16",
                     "--checkpoint-every", str(STEPS), "--out", str(tmp_path / "out"),
                     "--tensorboard", str(tmp_path / "tb"), timeout=240)
         assert coord.returncode == 0, coord.stdout[-3000:] + coord.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, _spawn, _stop, cli
+from helpers import REPO, WIDTH, _spawn, _stop, cli
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
 
@@ -46,10 +47,13 @@ def test_coordinator_dashboard_and_watch_in_tmux(migrated_url: str, synth_zip: P
                for name in ("ada-laptop", "grace-pc")]
     try:
         _start(coord_session, ["coordinator", "--local-steps", "2", *common, "--max-steps", "60", "--unit-size", "16",
-                               "--eval-every", "0", "--out", str(tmp_path / "out")])
-        screen = _screen_until(coord_session, lambda t: "ada-laptop" in t and "grace-pc" in t and "step 3" in t)
-        assert "computing" in screen or "idle" in screen or "uploading" in screen
-        assert "/60" in screen  # progress towards --max-steps
+                               "--feature-maps", str(WIDTH), "--eval-every", "0", "--out", str(tmp_path / "out")])
+        # One frame must show both students, what they are doing, and progress towards --max-steps
+        # (a frame drawn before they joined says "step 0/60" and "waiting").
+        screen = _screen_until(coord_session, lambda t: "ada-laptop" in t and "grace-pc" in t
+                               and re.search(r"step (?:[3-9]|\d\d)/60", t) is not None
+                               and any(state in t for state in ("computing", "idle", "uploading")))
+        assert "Traceback" not in screen
 
         _tmux("resize-window", "-t", coord_session, "-x", "80", "-y", "24")
         small = _screen_until(coord_session, lambda t: "ada-laptop" in t and max(map(len, t.splitlines())) <= 80)
@@ -69,7 +73,8 @@ def test_no_tui_output_is_line_oriented(migrated_url: str, synth_zip: Path, tmp_
     common = ["--db", migrated_url, "--data", str(synth_zip)]
     worker = _spawn("worker", *common, "--name", "liner", "--threads", "1", log=tmp_path / "w.log")
     try:
-        r = cli("coordinator", "--local-steps", "2", *common, "--no-tui", "--max-steps", "2", "--unit-size", "8", "--eval-every", "0",
+        r = cli("coordinator", "--local-steps", "2", *common, "--no-tui", "--max-steps", "2", "--unit-size", "8",
+                "--feature-maps", str(WIDTH), "--eval-every", "0",
                 "--out", str(tmp_path / "out"), timeout=240)
         assert r.returncode == 0, r.stderr
     finally:

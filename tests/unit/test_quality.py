@@ -219,6 +219,27 @@ def test_frechet_distance_matches_closed_forms() -> None:
     assert frechet_distance(zero, c1, zero, c2) == pytest.approx(want, rel=1e-8)
 
 
+@pytest.mark.parametrize("n1, n2", [(7, 11), (2, 30), (29, 31)])
+def test_fid_from_fewer_images_than_dimensions_equals_the_covariance_route(n1: int, n2: int) -> None:
+    """Below the feature count the distance comes from an n1 x n2 SVD; it must equal the
+    2048-style route through the (rank-deficient) covariances."""
+    gen = torch.Generator().manual_seed(n1 * 100 + n2)
+    mix = torch.randn(32, 32, generator=gen, dtype=torch.float64)  # correlated features
+    f1 = torch.randn(n1, 32, generator=gen, dtype=torch.float64) @ mix
+    f2 = torch.randn(n2, 32, generator=gen, dtype=torch.float64) @ mix * 1.3 + 0.5
+    mu1, s1 = quality._gaussian(f1)
+    mu2, s2 = quality._gaussian(f2)
+    want = frechet_distance(mu1, s1, mu2, s2)
+    # The covariance route takes square roots of round-off eigenvalues (about 1e-14 where the
+    # rank runs out), which moves it by about 1e-8 of the distance.
+    assert quality.frechet_distance_of_features(f1, f2) == pytest.approx(want, rel=1e-6)
+    assert quality.frechet_distance_of_features(f1, f1.clone()) == pytest.approx(0.0, abs=1e-9 * want)
+    # Enough images: the covariance route itself.
+    many, more = (torch.randn(n, 32, generator=gen, dtype=torch.float64) for n in (40, 33))
+    (m1, c1), (m2, c2) = quality._gaussian(many), quality._gaussian(more)
+    assert quality.frechet_distance_of_features(many, more) == pytest.approx(frechet_distance(m1, c1, m2, c2), rel=1e-12)
+
+
 def test_fid_network_has_pytorch_fid_structure() -> None:
     net = quality.build_fid_inception("meta")
     sd = net.state_dict()
