@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 # Under pytest-xdist the test processes share the machine: PyTorch gets one thread in each
@@ -81,6 +82,24 @@ def _create_class_roles(server_url: str) -> None:
         _run(migrate(url))
 
 
+def _throwaway_durability(server_url: str) -> None:
+    """The shared test server's data is thrown away at the end, so it need not survive a
+    machine crash: no fsync, and commits that do not wait for the WAL flush (the
+    "Non-Durable Settings" of PostgreSQL's manual). Crash recovery is tested on servers of
+    its own (tests/acceptance/chaos.py), with the defaults."""
+
+    async def apply() -> None:
+        conn = await asyncpg.connect(server_url)
+        try:
+            for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+                await conn.execute(f"ALTER SYSTEM SET {setting} = off")
+            await conn.execute("SELECT pg_reload_conf()")
+        finally:
+            await conn.close()
+
+    _run(apply())
+
+
 @contextlib.contextmanager
 def _shared_embedded_postgres(run: str) -> Iterator[str]:
     """One embedded server for all xdist workers of a run: the first to ask starts it in a
@@ -96,6 +115,7 @@ def _shared_embedded_postgres(run: str) -> Iterator[str]:
     with _run_lock(run):
         server = pgserver.get_server(pgdata, cleanup_mode="delete")
         url = server.get_uri()
+        _throwaway_durability(url)
         _create_class_roles(url)
     try:
         yield url
@@ -146,6 +166,7 @@ def pg_server() -> Iterator[str]:
     from ganns_async.embedded import embedded_postgres
 
     with embedded_postgres() as url:
+        _throwaway_durability(url)
         yield url
 
 

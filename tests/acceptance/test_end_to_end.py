@@ -144,7 +144,7 @@ def test_ctrl_c_gives_the_unit_back_at_once(migrated_url: str, synth_zip: Path, 
     which a worker takes like Ctrl-C."""
     common = ["--db", migrated_url, "--data", str(synth_zip)]
     coord = _spawn("coordinator", "--local-steps", "2", *common, "--max-steps", "5", "--unit-size", "64", "--units-per-step", "1",
-                   "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
+                   "--eval-every", "0", "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
     worker_args = ["worker", *common, "--name", "leaver", "--threads", "1", "--lease-seconds", "600"]
     if how == "ctrl-c":
         worker = _spawn(*worker_args, log=tmp_path / "worker.log")

@@ -21,7 +21,7 @@ def _distributed(url: str, data: Path, out: Path, workers: int, tmp: Path,
     try:
         r = cli("coordinator", *common, "--no-tui", "--max-staleness", "0", "--grad-dtype", wire, "--seed", str(SEED),
                 "--unit-size", str(UNIT), "--units-per-step", str(UNITS_PER_STEP), "--max-steps", str(STEPS),
-                "--checkpoint-every", str(STEPS), "--out", str(out), "--local-steps", str(local_steps),
+                "--checkpoint-every", str(STEPS), "--eval-every", "0", "--out", str(out), "--local-steps", str(local_steps),
                 "--feature-maps", str(WIDTH), *outer, timeout=400)
         assert r.returncode == 0, r.stdout + r.stderr
     finally:

@@ -34,7 +34,7 @@ def test_a_run_with_a_lying_student_ends_where_train_local_ends(
     coord = _spawn("coordinator", "--db", class_logins.instructor, *data, "--no-tui", "--max-staleness", "0",
                    "--feature-maps", str(WIDTH),
                    "--grad-dtype", "fp32", "--seed", str(SEED), "--unit-size", str(UNIT), "--units-per-step", "2",
-                   "--max-steps", str(STEPS), "--checkpoint-every", str(STEPS), "--out", str(out),
+                   "--max-steps", str(STEPS), "--checkpoint-every", str(STEPS), "--eval-every", "0", "--out", str(out),
                    "--local-steps", "1", log=tmp_path / "coord.log")
     try:
         deadline = time.monotonic() + 120

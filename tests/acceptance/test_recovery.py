@@ -49,7 +49,8 @@ def _run_with_planted_result(url: str, data: Path, tmp_path: Path, payload: byte
     """A coordinator run in which mallory stores ``payload`` for the first unit and one
     honest worker does the rest; returns mallory's unit."""
     common = ["--db", url, "--data", str(data)]
-    coord = _spawn("coordinator", *common, *coord_args, "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
+    coord = _spawn("coordinator", *common, *coord_args, "--eval-every", "0", "--out", str(tmp_path / "out"),
+                   log=tmp_path / "coord.log")
     worker = None
     try:
         unit_id = asyncio.run(_plant_hostile_gradient(url, payload))
@@ -83,7 +84,8 @@ def test_coordinator_killed_mid_run_resumes_from_the_database(migrated_url: str,
     worker = _spawn("worker", *common, "--name", "steady", "--threads", "1", log=tmp_path / "w.log")
     try:
         coord = _spawn("coordinator", *common, "--max-steps", "4", "--unit-size", "16", "--units-per-step", "2",
-                       "--local-steps", "1", "--feature-maps", str(WIDTH), "--out", str(out), log=tmp_path / "coord1.log")
+                       "--local-steps", "1", "--feature-maps", str(WIDTH), "--eval-every", "0", "--out", str(out),
+                       log=tmp_path / "coord1.log")
 
         async def wait_for_step(target: int) -> None:
             conn = await asyncpg.connect(migrated_url)
@@ -103,7 +105,7 @@ def test_coordinator_killed_mid_run_resumes_from_the_database(migrated_url: str,
         coord.wait(10)
         before = asyncio.run(_fetch(migrated_url, "SELECT id, step, status FROM runs"))
         assert before[0]["status"] == "running" and before[0]["step"] >= 2
-        resumed = _spawn("coordinator", *common, "--resume", "--max-steps", "4", "--out", str(out),
+        resumed = _spawn("coordinator", *common, "--resume", "--max-steps", "4", "--eval-every", "0", "--out", str(out),
                          log=tmp_path / "coord2.log")
         assert resumed.wait(240) == 0, (tmp_path / "coord2.log").read_text()
     finally:
@@ -236,7 +238,7 @@ def test_a_change_no_honest_unit_could_make_is_refused(migrated_url: str, synth_
                                  float_dtype="bf16")
     unit_id = _run_with_planted_result(migrated_url, synth_zip, tmp_path, payload, "--local-steps", "2",
                                        "--max-steps", "1", "--unit-size", "8", "--units-per-step", "2",
-                                       "--feature-maps", str(WIDTH), "--eval-every", "0")
+                                       "--feature-maps", str(WIDTH))
     rejections = asyncio.run(_fetch(migrated_url, "SELECT unit_id, reason FROM rejections"))
     assert len(rejections) == 1 and rejections[0]["unit_id"] == unit_id
     assert "changed by 1" in rejections[0]["reason"] and "Adam steps" in rejections[0]["reason"]

@@ -33,7 +33,7 @@ def test_a_student_whose_results_disagree_is_quarantined_and_never_counts(
         coord = _spawn("coordinator", "--db", class_logins.instructor, *data, "--no-tui", "--max-staleness", "0",
                    "--feature-maps", str(WIDTH),
                        "--grad-dtype", "fp32", "--seed", str(SEED), "--unit-size", str(UNIT), "--units-per-step", "2",
-                       "--max-steps", str(STEPS), "--checkpoint-every", str(STEPS), "--out", str(out),
+                       "--max-steps", str(STEPS), "--checkpoint-every", str(STEPS), "--eval-every", "0", "--out", str(out),
                        "--local-steps", "1", "--spot-check", "1", log=tmp_path / "coord.log")
         assert coord.wait(400) == 0, (tmp_path / "coord.log").read_text()[-3000:]
     finally:
