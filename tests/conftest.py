@@ -21,6 +21,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -177,12 +178,24 @@ def db_url(pg_server: str) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def migrated_url(db_url: str) -> str:
+@pytest.fixture(scope="session")
+def migrated_template(pg_server: str) -> Iterator[str]:
+    """A database migrated once per test process (by ``migrate``, as `db migrate` does), the
+    template each test's migrated database is copied from: CREATE DATABASE ... TEMPLATE
+    copies its files instead of running the migrations again. The schema has no
+    database-level settings or grants, which a copy would not carry."""
     from ganns_async.migrate import migrate
 
-    _run(migrate(db_url))
-    return db_url
+    with fresh_database(pg_server) as url:
+        _run(migrate(url))
+        yield urlsplit(url).path.lstrip("/")
+
+
+@pytest.fixture
+def migrated_url(pg_server: str, migrated_template: str) -> Iterator[str]:
+    """A fresh database with every migration applied, dropped after the test."""
+    with fresh_database(pg_server, template=migrated_template) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

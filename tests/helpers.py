@@ -46,10 +46,10 @@ def with_database(url: str, dbname: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
 
 
-async def _create_db(server_url: str, name: str) -> None:
+async def _create_db(server_url: str, name: str, template: str | None = None) -> None:
     conn = await asyncpg.connect(server_url)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     finally:
         await conn.close()
 
@@ -67,10 +67,11 @@ async def _drop_db(server_url: str, name: str) -> None:
 
 
 @contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """A fresh, empty database on ``server_url``, dropped afterwards."""
+def fresh_database(server_url: str, template: str | None = None) -> Iterator[str]:
+    """A fresh database on ``server_url`` (empty, or a copy of database ``template``),
+    dropped afterwards."""
     name = f"ganns_test_{uuid.uuid4().hex[:12]}"
-    _run(_create_db(server_url, name))
+    _run(_create_db(server_url, name, template))
     try:
         yield with_database(server_url, name)
     finally:

@@ -65,7 +65,7 @@ def test_coordinator_and_two_workers_train_and_checkpoint_loads(class_logins: Cl
             # The server names a student's worker after the login. With no run yet a worker
             # reports `waiting` (a freshly registered row says `idle` only until its first write).
             asyncio.run(_wait_for_worker_state(migrated_url, f"{login}/{label}", "waiting"))
-        coord = cli("coordinator", "--db", class_logins.instructor, *data, "--no-tui", "--max-steps", "3", "--unit-size", "16", "--local-steps", "1", "--max-staleness", "1",
+        coord = cli("coordinator", "--db", class_logins.instructor, *data, "--no-tui", "--max-steps", "3", "--unit-size", "8", "--local-steps", "1", "--max-staleness", "1",
                     "--units-per-step", "2", "--checkpoint-every", "1", "--eval-n", "64", "--out", str(out),
                     timeout=300)
         assert coord.returncode == 0, coord.stdout + coord.stderr
@@ -86,9 +86,9 @@ def test_coordinator_and_two_workers_train_and_checkpoint_loads(class_logins: Cl
         "step_000001.png", "step_000002.png", "step_000003.png"]
 
     rows = asyncio.run(_fetch(migrated_url, "SELECT status, step, images_seen FROM runs"))
-    assert [tuple(r) for r in rows] == [("done", 3, 96)]
+    assert [tuple(r) for r in rows] == [("done", 3, 48)]
     metrics = asyncio.run(_fetch(migrated_url, "SELECT step, units, images FROM metrics WHERE step >= 1 ORDER BY step"))
-    assert [tuple(r) for r in metrics] == [(1, 2, 32), (2, 2, 32), (3, 2, 32)]
+    assert [tuple(r) for r in metrics] == [(1, 2, 16), (2, 2, 16), (3, 2, 16)]
     # Quality is recorded at step 0 (the baseline) and at the end, and plotted.
     swd = asyncio.run(_fetch(migrated_url, "SELECT step, swd FROM metrics WHERE swd IS NOT NULL ORDER BY step"))
     assert [r["step"] for r in swd] == [0, 3] and all(r["swd"] > 0 for r in swd)

@@ -125,7 +125,7 @@ def test_step_closes_on_its_deadline_with_min_units(migrated_url: str, synth_zip
     """A unit held by a silent worker does not block the class: the step closes without it."""
     common = ["--db", migrated_url, "--data", str(synth_zip)]
     coord = _spawn("coordinator", *common, "--max-steps", "2", "--unit-size", "8", "--units-per-step", "3",
-                   "--local-steps", "1", "--feature-maps", str(WIDTH), "--step-timeout", "15", "--min-units", "2", "--max-staleness", "0", "--eval-every", "0",
+                   "--local-steps", "1", "--feature-maps", str(WIDTH), "--step-timeout", "6", "--min-units", "2", "--max-staleness", "0", "--eval-every", "0",
                    "--out", str(tmp_path / "out"), log=tmp_path / "coord.log")
 
     async def hog() -> int:
