@@ -41,7 +41,7 @@ from ganns_async.db import (
 from ganns_async.errors import UserError
 from ganns_async.hardware import cpu_info, gpu_info, pick_device, resources
 from ganns_async.migrate import require_migrated
-from ganns_async.model import FEATURE_MAPS, build_models
+from ganns_async.model import build_models
 from ganns_async.retry import Backoff, SideTasks, describe_error
 from ganns_async.states import WorkerState
 from ganns_async.store import RunRow, UnitRow, WorkerStore
@@ -118,6 +118,7 @@ class Worker:
         # (run_id, version, published at) loaded into the models: a rewound run (--resume
         # after --state-every) publishes a version again, and it must be fetched again.
         self._held: tuple[int, int, Any] | None = None
+        self.feature_maps: int | None = None  # the width of the networks, built on joining a run
         self._joined_run: int | None = None
         self._db_written: WorkerState | None = None  # the state the workers table holds
         self.side = SideTasks(log)  # heartbeat, listener: the worker stops if one dies
@@ -176,7 +177,10 @@ class Worker:
         # `hf://OWNER/REPO/PATH` downloads once into the Hub cache (progress on stderr).
         local = await asyncio.to_thread(resolve_data, opts.data)
         self.dataset = await asyncio.to_thread(ImageDataset.open, local)
-        self._build_models(FEATURE_MAPS)
+        if self.device.type != "cpu":
+            # Registering reports the device's memory; initialise it here, off the loop. The
+            # networks are built when a run is joined, at the run's width.
+            await asyncio.to_thread(torch.zeros, 1, device=self.device)
         # Two connections per worker, whatever it does: this one for queries (the heartbeat
         # waits while a unit uploads) and the listener's. A class of 40 then needs 80.
         app = f"ganns-async worker {self.status.name}"
@@ -184,7 +188,7 @@ class Worker:
         self.store = WorkerStore(self.db)
         try:
             await require_migrated(self.db)
-            # The device is initialized by now (the models are on it): its facts cost nothing.
+            # The device is initialized by now: its facts cost nothing.
             self.worker_id, bound_name = await self.store.register(
                 self.status.name, socket.gethostname(), str(self.device), cpu_info(), gpu_info(self.device),
                 resources(self.device))

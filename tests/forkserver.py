@@ -63,7 +63,9 @@ _PRELOAD = ("torch", "torch._dynamo", "torchvision.utils", "matplotlib.figure", 
             "matplotlib.ticker", "huggingface_hub", "ganns_async.cli", "ganns_async.worker",
             "ganns_async.coordinator", "ganns_async.local", "ganns_async.plots", "ganns_async.outputs",
             "ganns_async.model_card", "ganns_async.hub", "ganns_async.quality", "ganns_async.demo",
-            "ganns_async.tui", "rich.console", "pydantic")
+            "ganns_async.tui", "rich.console", "pydantic", "annotated_types",
+            # Imported on first use: the model card's template, the generator folder's weights.
+            "jinja2", "safetensors.torch")
 
 
 # --- the server (this file run as a script) ----------------------------------------------
