@@ -26,7 +26,11 @@ the waiter forks the child. The waiter sends the child's pid over the request's 
 its exit status once it has reaped it. :class:`ForkedProcess` reads them, and answers like
 ``subprocess.Popen``.
 
-Run as a script, this file is the server: ``python forkserver.py SOCKET``.
+Run as a script, this file is the server: ``python forkserver.py SOCKET``. The dashboard
+tests start their processes as a tmux pane's command, on the pane's terminal:
+:func:`terminal_command` gives that command, ``python forkserver.py --client SOCKET ARGS``,
+a client that imports nothing heavy and has the server fork ``python ARGS`` onto its own
+standard streams (the terminal), passes signals on, and exits with the child's status.
 """
 
 from __future__ import annotations
@@ -194,6 +198,8 @@ def serve(path: str) -> None:
     listener.bind(path)
     listener.listen(64)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # waiters are reaped by the kernel
+    with open(path + ".env.json", "w") as fh:  # for clients that decide whether they may fork
+        json.dump(dict(os.environ), fh)
     print("ready", flush=True)
     # The client holds our stdin open; when it goes away (the test process ended, even by
     # SIGKILL), stdin reads EOF and the server ends too.
@@ -275,6 +281,8 @@ class _Server:
             raise OSError(f"the fork server did not start; see {self._dir}/server.log")
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path + ".env.json")
         if self._proc.poll() is None:
             assert self._proc.stdin is not None
             self._proc.stdin.close()
@@ -344,12 +352,45 @@ def popen(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | os.P
 
     out = fd_of(stdout, 1)
     err = out if stderr == subprocess.STDOUT else fd_of(stderr, 2)
-    request = {"argv": argv, "env": full_env, "cwd": str(cwd or os.getcwd()), "reimport": reimport}
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    conn.connect(server.path)
     with open(os.devnull, "rb") as devnull:
-        socket.send_fds(conn, [json.dumps(request).encode()], [devnull.fileno(), out, err])
+        return _request(server.path, argv, full_env, str(cwd or os.getcwd()), reimport, [devnull.fileno(), out, err])
+
+
+def _request(path: str, argv: list[str], env: dict[str, str], cwd: str, reimport: bool,
+             fds: list[int]) -> ForkedProcess:
+    request = {"argv": argv, "env": env, "cwd": cwd, "reimport": reimport}
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn.connect(path)
+    socket.send_fds(conn, [json.dumps(request).encode()], fds)
     return ForkedProcess(argv, conn)
+
+
+def terminal_command(argv: list[str]) -> list[str]:
+    """The command line that runs ``python ARGV`` on the terminal it is started on (a tmux
+    pane), forked from this process's server (see the module's docstring)."""
+    if os.environ.get("GANNS_TEST_EXEC") == "1" or argv[:2] != ["-m", "ganns_async"]:
+        return [sys.executable, *argv]
+    return [sys.executable, __file__, "--client", _get_server().path, *argv]
+
+
+def _client(path: str, argv: list[str]) -> int:
+    """``python ARGV`` forked from the server at ``path`` onto this process's standard
+    streams; a fresh interpreter (exec) where the environment rules that out."""
+    with open(path + ".env.json") as fh:
+        server_env = json.load(fh)
+    env = dict(os.environ)
+    forkable, reimport = _forkable(env, server_env)
+    if not forkable:
+        os.execv(sys.executable, [sys.executable, *argv])
+    child = _request(path, argv, env, os.getcwd(), reimport, [0, 1, 2])
+    def pass_on(number: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, number)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, pass_on)
+    code = child.wait()
+    return code if code >= 0 else 128 - code  # a shell's $? for a child ended by a signal
 
 
 def run(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
@@ -371,4 +412,6 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | os.Pat
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--client":
+        sys.exit(_client(sys.argv[2], sys.argv[3:]))
     serve(sys.argv[1])

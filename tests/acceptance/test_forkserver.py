@@ -4,6 +4,7 @@ directory, environment and streams, signals, exit codes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import forkserver
-from helpers import REPO
+from helpers import REPO, _fetch, _wait_for_worker_state
 
 PROBE = REPO / "tests" / "acceptance" / "forkserver_probe.py"
 
@@ -89,3 +90,31 @@ def test_a_new_hf_home_is_seen_by_a_forked_child(tmp_path: Path) -> None:
     assert got["torch"] is True and want["torch"] is False  # forked from the server, and a new interpreter
     assert got["hf_hub_cache"] == want["hf_hub_cache"] == str(tmp_path / "hf" / "hub")
     assert got["same_hub"] is True and want["same_hub"] is True
+
+
+def test_a_terminal_command_forks_onto_the_callers_streams_and_passes_signals_on(
+        migrated_url: str, synth_zip: Path, tmp_path: Path) -> None:
+    """What a tmux pane runs (forkserver.terminal_command): the child writes to the client's
+    own streams, its exit status is the client's, and a signal to the client reaches it."""
+    helped = forkserver.terminal_command(["-m", "ganns_async", "--help"])
+    assert helped[1:3] == [str(REPO / "tests" / "forkserver.py"), "--client"]
+    r = subprocess.run(helped, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0 and r.stdout.startswith("Usage: ")
+    bad = subprocess.run(forkserver.terminal_command(["-m", "ganns_async", "db", "status", "--db",
+                                                      "postgresql://nobody@/x?host=/nonexistent"]),
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert bad.returncode not in (0, None) and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
+
+    with open(tmp_path / "worker.log", "wb") as fh:
+        client = subprocess.Popen(forkserver.terminal_command(
+            ["-m", "ganns_async", "worker", "--db", migrated_url, "--data", str(synth_zip), "--name", "paned",
+             "--threads", "1", "--no-tui"]), stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        asyncio.run(_wait_for_worker_state(migrated_url, "paned", "waiting"))
+        client.send_signal(signal.SIGINT)  # Ctrl-C in the pane
+        assert client.wait(60) == 0, (tmp_path / "worker.log").read_text()
+    finally:
+        if client.poll() is None:
+            client.kill()
+    state = asyncio.run(_fetch(migrated_url, "SELECT state FROM workers WHERE name = 'paned'"))
+    assert [r["state"] for r in state] == ["offline"], "the worker itself got the Ctrl-C and said goodbye"

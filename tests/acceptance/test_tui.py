@@ -6,13 +6,13 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+import forkserver
 from helpers import REPO, WIDTH, _spawn, _stop, cli
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
@@ -35,7 +35,8 @@ def _screen_until(session: str, predicate, timeout: float = 180) -> str:  # type
 
 
 def _start(session: str, args: list[str], width: int = 100, height: int = 30) -> None:
-    cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "ganns_async", *args])
+    # Forked from the test process's server onto the pane's terminal (tests/forkserver.py).
+    cmd = " ".join(shlex.quote(a) for a in forkserver.terminal_command(["-m", "ganns_async", *args]))
     _tmux("new-session", "-d", "-s", session, "-x", str(width), "-y", str(height), "-c", str(REPO),
           f"{cmd}; echo EXITED $?; sleep 600")
 
