@@ -41,6 +41,7 @@ import io
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -281,8 +282,6 @@ class _Server:
             raise OSError(f"the fork server did not start; see {self._dir}/server.log")
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.path + ".env.json")
         if self._proc.poll() is None:
             assert self._proc.stdin is not None
             self._proc.stdin.close()
@@ -291,8 +290,7 @@ class _Server:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        shutil.rmtree(self._dir, ignore_errors=True)  # the socket, its env.json, the server's log
 
 
 _server: _Server | None = None
