@@ -381,6 +381,7 @@ def _client(path: str, argv: list[str]) -> int:
     if not forkable:
         os.execv(sys.executable, [sys.executable, *argv])
     child = _request(path, argv, env, os.getcwd(), reimport, [0, 1, 2])
+
     def pass_on(number: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, number)
