@@ -69,7 +69,7 @@ def lost_connection(exc: BaseException) -> bool:
 
 def lost_connection_in(group: BaseExceptionGroup) -> BaseException | None:  # type: ignore[type-arg]
     """The first error of ``group`` when every error in it (nested groups included) means a
-    lost connection, else None. Parallel queries in a TaskGroup that lose their connection
+    lost connection (:func:`lost_connection`), else None. Parallel queries in a TaskGroup that lose their connection
     together fail as one group; the caller's retry policy knows single errors."""
     found: list[BaseException] = []
 
@@ -78,7 +78,7 @@ def lost_connection_in(group: BaseExceptionGroup) -> BaseException | None:  # ty
             if isinstance(exc, BaseExceptionGroup):
                 if not walk(exc):
                     return False
-            elif isinstance(exc, CONNECTION_ERRORS):
+            elif lost_connection(exc):
                 found.append(exc)
             else:
                 return False

@@ -158,3 +158,11 @@ def test_parallel_fetches_that_lose_the_connection_together_count_as_one_lost_co
     assert lost_connection_in(ExceptionGroup("fetches", [ExceptionGroup("inner", [gone]), shut])) is gone
     assert lost_connection_in(ExceptionGroup("fetches", [shut, ValueError("a bug")])) is None
     assert lost_connection_in(ExceptionGroup("fetches", [KeyError("a bug")])) is None
+    # The same test as the retry loop's: a refused reconnect (a UserError caused by a lost
+    # connection) is one too; one caused by anything else is not.
+    refused = UserError("cannot connect to the database: the server is starting up")
+    refused.__cause__ = asyncpg.exceptions.CannotConnectNowError("the database system is starting up")
+    assert lost_connection_in(ExceptionGroup("fetches", [refused, shut])) is refused
+    wrong = UserError("cannot connect: password authentication failed")
+    wrong.__cause__ = asyncpg.exceptions.InvalidPasswordError("password authentication failed")
+    assert lost_connection_in(ExceptionGroup("fetches", [wrong])) is None
