@@ -132,10 +132,10 @@ TIERS = ("acceptance", "integration", "unit")
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked ``slow(seconds)`` first, the slowest first; then the acceptance tests,
-    the integration tests and the unit tests. With ``--dist worksteal`` one xdist worker
-    starts on the long tests and the other on the short ones from the end of the list, and
-    they meet in the middle: no long test is left to start last. A stable sort, so each
-    file otherwise keeps its order."""
+    the integration tests and the unit tests. With ``--dist worksteal`` each xdist worker
+    starts on an equal, contiguous share of the list (the first one on the long tests) and
+    a worker that runs out takes half of what is left to the one with the most: no long
+    test is left to start last. A stable sort, so each file otherwise keeps its order."""
 
     def key(item: pytest.Item) -> tuple[float, int]:
         slow = item.get_closest_marker("slow")
