@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from ganns_async.errors import UserError
 
@@ -156,7 +156,45 @@ class ImageDataset:
             )
         # Sort by basename (unique in CelebA); the full key only breaks ties deterministically.
         entries.sort(key=lambda e: (e[0], e[1].filename if isinstance(e[1], zipfile.ZipInfo) else e[1]))
-        return cls(path, entries, zf)
+        dataset = cls(path, entries, zf)
+        try:
+            dataset._require_decodable()
+        except BaseException:
+            dataset.close()
+            raise
+        return dataset
+
+    def _require_decodable(self, tries: int = 32) -> None:
+        """Raise UserError unless one image of a sample spread over the dataset decodes.
+
+        A bad image costs one sample (see :meth:`load`), so files that only look like images
+        (Git LFS pointers of a repository cloned without LFS, renamed or encrypted files)
+        would otherwise train on nothing and say nothing. The first image that decodes ends
+        the check, so a good dataset costs one decode.
+        """
+        n = len(self.names)
+        picks = sorted({k * n // min(n, tries) for k in range(min(n, tries))})
+        first: tuple[str, bytes, BaseException] | None = None
+        for i in picks:
+            data = b""
+            try:
+                data = self._read(i)
+                with Image.open(io.BytesIO(data)) as im:
+                    im.load()
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure to decode counts the same
+                if first is None:
+                    first = (self.names[i], data, exc)
+        assert first is not None
+        name, data, exc = first
+        if data.startswith(b"version https://git-lfs"):
+            why = "a Git LFS pointer, not the image; fetch the files with `git lfs pull`"
+        elif isinstance(exc, UnidentifiedImageError):
+            why = "not a JPEG or PNG image"
+        else:
+            why = str(exc) or type(exc).__name__
+        raise UserError(f"dataset {self.path} holds no image that can be decoded "
+                        f"(checked {len(picks)} of {n}; {name}: {why})")
 
     @staticmethod
     def _scan_folder(root: Path) -> list[tuple[str, str, os.stat_result]]:

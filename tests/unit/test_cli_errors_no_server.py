@@ -137,3 +137,15 @@ def test_local_step_settings_are_checked_before_anything_starts(tmp_path: Path) 
     assert_one_line_error(outer_lr, "--outer-lr", "-1")
     assert local.returncode != 0 and "--local-steps" in local.stderr and "Traceback" not in local.stderr
     assert narrow.returncode != 0 and "--feature-maps" in narrow.stderr and "Traceback" not in narrow.stderr
+
+
+def test_train_local_on_files_that_are_not_images(tmp_path: Path) -> None:
+    """A folder of files named like images that are not: one line, before any training."""
+    folder = tmp_path / "img_align_celeba"
+    folder.mkdir()
+    for k in range(1, 4):
+        (folder / f"{k:06d}.jpg").write_bytes(b"<html>404 Not Found</html>")
+    out = tmp_path / "out"
+    r = cli_in_process("train-local", "--data", str(tmp_path), "--max-steps", "1", "--out", str(out))
+    assert_one_line_error(r, "holds no image that can be decoded", "000001.jpg", "not a JPEG or PNG image")
+    assert not (out / "checkpoint_latest.pth").exists()

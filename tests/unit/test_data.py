@@ -170,6 +170,49 @@ def test_corrupt_images_skipped(synth_zip: Path, tmp_path: Path) -> None:
         assert empty.shape == (0, 3, IMAGE_SIZE, IMAGE_SIZE) and bad == bad_idx
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 4096\n"
+
+
+@pytest.mark.parametrize("junk, why", [
+    (b"this is not a jpeg at all" * 10, "not a JPEG or PNG image"),
+    (b"\xff\xd8\xff\xe0" + bytes(60), "not a JPEG or PNG image"),  # a JPEG's first bytes, then nothing
+    (LFS_POINTER, "git lfs pull"),  # a repository cloned without Git LFS
+])
+@pytest.mark.parametrize("container", ["zip", "folder"])
+def test_a_dataset_whose_files_are_not_images_is_refused(tmp_path: Path, junk: bytes, why: str,
+                                                         container: str) -> None:
+    """Every image would cost one sample (see above), so training would go on with nothing:
+    refused at open, with the file and the reason."""
+    names = [f"img_align_celeba/{k:06d}.jpg" for k in range(1, 41)]
+    if container == "zip":
+        path = tmp_path / "junk.zip"
+        with zipfile.ZipFile(path, "w") as zf:
+            for name in names:
+                zf.writestr(name, junk)
+    else:
+        path = tmp_path / "junk"
+        for name in names:
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            (path / name).write_bytes(junk)
+    with pytest.raises(UserError, match="holds no image that can be decoded") as exc:
+        ImageDataset.open(path)
+    message = str(exc.value)
+    assert str(path) in message and "checked 32 of 40" in message and "000001.jpg" in message
+    assert why in message and "BytesIO" not in message
+
+
+def test_a_dataset_with_a_few_images_among_junk_opens(synth_zip: Path, tmp_path: Path) -> None:
+    """One image that decodes is enough: the first images checked are junk, a later one is not."""
+    mixed = tmp_path / "mixed.zip"
+    with zipfile.ZipFile(synth_zip) as src, zipfile.ZipFile(mixed, "w") as dst:
+        for k in range(1, 30):
+            dst.writestr(f"img_align_celeba/{k:06d}.jpg", LFS_POINTER)
+        dst.writestr("img_align_celeba/000030.jpg", src.read("img_align_celeba/000001.jpg"))
+    with ImageDataset.open(mixed) as ds:
+        x, bad = ds.load([0, 29])
+    assert bad == [0] and x.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
 def test_missing_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope.zip"
     with pytest.raises(UserError, match="dataset not found") as exc:
@@ -249,15 +292,21 @@ def test_zip_with_one_image_changed_gets_another_fingerprint(synth_zip: Path, tm
 
 
 def test_zip_fingerprint_reads_only_the_directory(synth_zip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_reads(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a zip member was read to fingerprint the zip")
-
+    """Opening reads one member, the image the decodability check decodes; the fingerprint
+    comes from the central directory."""
     with ImageDataset.open(synth_zip) as reference:
         expected = reference.fingerprint
-    monkeypatch.setattr(zipfile.ZipFile, "open", no_reads)
-    monkeypatch.setattr(zipfile.ZipFile, "read", no_reads)
+    opened: list[str] = []
+    real_open = zipfile.ZipFile.open
+
+    def counting_open(self: zipfile.ZipFile, name: str | zipfile.ZipInfo, *args: object, **kwargs: object):
+        opened.append(name.filename if isinstance(name, zipfile.ZipInfo) else name)
+        return real_open(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", counting_open)
     with ImageDataset.open(synth_zip) as ds:
         assert ds.fingerprint == expected
+    assert opened == ["img_align_celeba/000001.jpg"]
 
 
 @pytest.mark.parametrize("cached", [False, True])
