@@ -326,6 +326,25 @@ def build_fid_inception(device: str | torch.device | None = None) -> nn.Module:
     return net
 
 
+def why_load_failed(path: Path, exc: BaseException) -> str:
+    """One short reason why ``torch.load(path)`` raised ``exc``. A file that torch.save did
+    not write (neither its zip archive nor its older pickle format) makes torch.load raise
+    whatever the unpickler tripped on first, such as ``KeyError: 174812789``: say what the
+    file is not instead."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as err:
+        return err.strerror or str(err)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        return "not a file written by torch.save"
+    text = str(exc).strip()
+    line = text.splitlines()[0].split(". ")[0].rstrip(".") if text else ""  # its first sentence
+    if len(line) > 120:
+        line = line[:117] + "..."
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
 def load_fid_inception(weights_path: str | Path) -> nn.Module:
     """The FID Inception with the pytorch-fid weights file loaded strictly; UserError if unusable."""
     path = Path(weights_path).expanduser()
@@ -335,8 +354,7 @@ def load_fid_inception(weights_path: str | Path) -> nn.Module:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # not a torch file, truncated, or needs unsafe unpickling
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load FID weights {path}: {reason} ({hint})") from None
+        raise UserError(f"cannot load FID weights {path}: {why_load_failed(path, exc)} ({hint})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"FID weights {path} are not a state dict of tensors ({hint})")
     net = build_fid_inception("meta")  # no time spent initialising weights about to be replaced
@@ -548,8 +566,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, n: int = 20
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load checkpoint {path}: {reason} (pass a .pt file saved by training)") from None
+        raise UserError(f"cannot load checkpoint {path}: {why_load_failed(path, exc)} "
+                        f"(pass a .pt file saved by training)") from None
     state = ckpt.get("generator_state_dict") if isinstance(ckpt, Mapping) else None
     if not isinstance(state, Mapping):
         raise UserError(f"{path} is not a GAN checkpoint: it has no 'generator_state_dict' "

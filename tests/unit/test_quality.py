@@ -182,8 +182,16 @@ def test_bad_checkpoints_are_user_errors(tmp_path: Path, small_zip: Path) -> Non
         evaluate_checkpoint(tmp_path / "nope.pt", str(small_zip), n=4)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(UserError, match="cannot load checkpoint"):
+    with pytest.raises(UserError, match="cannot load checkpoint .*: not a file written by torch.save"):
         evaluate_checkpoint(junk, str(small_zip), n=4)
+    saved = tmp_path / "saved.pt"
+    torch.save({"generator_state_dict": {}}, saved)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])  # a copy that stopped half-way
+    with pytest.raises(UserError, match="cannot load checkpoint") as exc:
+        evaluate_checkpoint(cut, str(small_zip), n=4)
+    reason = str(exc.value).split(": ", 1)[1]
+    assert "zip archive" in reason and "This is an internal" not in reason and len(str(exc.value)) < 300
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
     with pytest.raises(UserError, match="generator_state_dict"):
