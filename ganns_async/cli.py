@@ -159,6 +159,9 @@ def _server_refusal(exc: BaseException) -> str | None:
                 "one; see SECURITY.md")
     if isinstance(exc, (asyncpg.exceptions.ProgramLimitExceededError, asyncpg.exceptions.InvalidParameterValueError)):
         return f"the database refused: {exc}"
+    if isinstance(exc, (asyncpg.exceptions.DiskFullError, asyncpg.exceptions.OutOfMemoryError,
+                        asyncpg.exceptions.TooManyConnectionsError)):
+        return f"the database server is out of resources: {exc}; ask its admin to free some, then try again"
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
         return (f"the database cancelled a query: {exc} (a student login's statement_timeout is 120 s; "
                 "a very slow connection can hit it)")

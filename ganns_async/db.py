@@ -42,7 +42,11 @@ CONNECT_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 120.0
 SHORT_TIMEOUT_S = 15.0
 
-# Errors that mean "the connection is gone": callers reconnect and retry.
+# Errors that mean "the server cannot serve us now": the connection is gone, the server is
+# out of disk, memory or connection slots, or it rolled our transaction back to break a
+# deadlock (a migration's DDL racing a step, say). Callers back off, reconnect if need be,
+# and retry what is safe to repeat; nothing this process could do instead would help, and
+# the operator's fix (free space, a restart) must find every process still there.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
@@ -56,6 +60,15 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     # reset on release with "cannot switch to state ...; another operation is in progress";
     # the pool drops that connection, so the next try gets a fresh one.
     asyncpg.exceptions.InternalClientError,
+    # SQLSTATE 53100, 53200, 53300: a write that cannot extend a file, a query the server has
+    # no memory for, no free connection slot. Not 53400 (a limit such as temp_file_limit,
+    # which the same query would exceed again).
+    asyncpg.exceptions.DiskFullError,
+    asyncpg.exceptions.OutOfMemoryError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    # SQLSTATE 40001, 40P01: PostgreSQL's own advice for both is to retry the transaction.
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
 )
 
 

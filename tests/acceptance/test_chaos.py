@@ -160,6 +160,26 @@ class Cluster:
 
         return asyncio.run(go())
 
+    def execute_ddl(self, sql: str) -> None:
+        """Direct SQL, several statements in one transaction, that must lock the run's tables.
+        A process of the run may hold one of them and want another: rather than wait for the
+        lock (and become half of a deadlock), give up after a moment and try again."""
+        async def go() -> None:
+            conn = await asyncpg.connect(self.direct, timeout=5)
+            try:
+                await conn.execute("SET lock_timeout = '200ms'")
+                for _ in range(100):
+                    try:
+                        await conn.execute(sql)  # one implicit transaction
+                        return
+                    except asyncpg.exceptions.LockNotAvailableError:
+                        await asyncio.sleep(0.05)
+                raise AssertionError("the run's tables stayed locked")
+            finally:
+                await conn.close()
+
+        asyncio.run(go())
+
     def wait_until(self, what: str, check: Callable[[], bool], timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while not check():
@@ -384,6 +404,37 @@ def test_output_folder_unwritable_for_a_while(cluster: Cluster, expected: dict[s
     aside.rename(cluster.out)
     cluster.assert_exact(expected)
     assert any("written again" in m for m in cluster.events("files"))
+
+
+# What PostgreSQL raises when a write cannot extend a file on a full disk. A trigger on every
+# table raises it, since a really full disk would also stop the test's own queries.
+TABLES = ("runs", "weights", "workers", "work_units", "gradients", "rejections", "events", "metrics")
+DISK_FULL = """
+CREATE FUNCTION chaos_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'could not extend file "base/16384/16415": No space left on device'
+        USING ERRCODE = 'disk_full', HINT = 'Check free disk space.';
+END $$;
+""" + "".join(f"CREATE TRIGGER chaos_disk_full BEFORE INSERT OR UPDATE OR DELETE ON {t} "
+              "FOR EACH STATEMENT EXECUTE FUNCTION chaos_disk_full();\n" for t in TABLES)
+SPACE_AGAIN = "DROP FUNCTION chaos_disk_full() CASCADE"
+
+
+def test_database_disk_full_for_a_while(cluster: Cluster, expected: dict[str, torch.Tensor]) -> None:
+    """Every write fails as on a full disk (SQLSTATE 53100) until every process has met it:
+    each says so, backs off and retries instead of exiting, and once there is space again
+    the run ends where train-local ends."""
+    cluster.start_coordinator()
+    cluster.start_workers("w1", "w2")
+    cluster.wait_step(1)
+    with cluster.hold("w1", "w2"):
+        cluster.execute_ddl(DISK_FULL)
+    cluster.wait_until("every process to meet the full disk", lambda: all(
+        "DiskFullError: could not extend file" in cluster.log(name) for name in ("coordinator", "w1", "w2")))
+    assert cluster.step() < STEPS
+    cluster.execute_ddl(SPACE_AGAIN)
+    cluster.assert_exact(expected)
+    assert all(worker.poll() is None for worker in cluster.workers.values())  # nobody gave up
 
 
 def test_run_lock_taken_by_a_rival_while_cut_off(cluster: Cluster, expected: dict[str, torch.Tensor]) -> None:

@@ -166,3 +166,39 @@ def test_parallel_fetches_that_lose_the_connection_together_count_as_one_lost_co
     wrong = UserError("cannot connect: password authentication failed")
     wrong.__cause__ = asyncpg.exceptions.InvalidPasswordError("password authentication failed")
     assert lost_connection_in(ExceptionGroup("fetches", [wrong])) is None
+
+
+@pytest.mark.parametrize(("error", "retried"), [
+    (asyncpg.exceptions.DiskFullError('could not extend file "base/1/2": No space left on device'), True),
+    (asyncpg.exceptions.OutOfMemoryError("out of memory"), True),
+    (asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"), True),
+    (asyncpg.exceptions.DeadlockDetectedError("deadlock detected"), True),
+    (asyncpg.exceptions.SerializationError("could not serialize access due to concurrent update"), True),
+    # The same query would fail the same way again: these go straight through.
+    (asyncpg.exceptions.ConfigurationLimitExceededError("temporary file size exceeds temp_file_limit"), False),
+    (asyncpg.exceptions.UniqueViolationError("duplicate key value violates unique constraint"), False),
+    (asyncpg.exceptions.InsufficientPrivilegeError("permission denied for table weights"), False),
+])
+def test_a_server_out_of_resources_or_breaking_a_deadlock_is_waited_out(error: Exception, retried: bool) -> None:
+    """What the operator fixes (disk, memory, connection slots) and what PostgreSQL says to
+    retry (a transaction rolled back by a deadlock or a serialization failure) are waited
+    out like a lost connection, by the one retry policy every process uses."""
+    assert lost_connection(error) is retried
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise error
+        return "done"
+
+    async def main() -> str:
+        return await retrying(flaky, log=log, what="test", retry_if=lost_connection, backoff=Backoff(base=0.001))
+
+    if retried:
+        assert asyncio.run(main()) == "done" and calls == 2
+    else:
+        with pytest.raises(type(error)):
+            asyncio.run(main())
+        assert calls == 1
