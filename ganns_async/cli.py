@@ -150,20 +150,27 @@ def _run(fn: Callable[[], Any], *, interrupted_code: int = 130) -> None:
 
 
 def _server_refusal(exc: BaseException) -> str | None:
-    """The server refused what this login asked (sql/003_roles.sql): the reason in one line."""
+    """The server refused what this login asked (sql/003_roles.sql), or could not do it now:
+    the reason in one line."""
     import asyncpg
 
+    if not isinstance(exc, asyncpg.PostgresError):
+        return None
+    # str() of a server error puts its HINT on a line of its own.
+    message = " ".join(str(getattr(exc, "message", None) or exc).split())
+    hint = " ".join(str(getattr(exc, "hint", None) or "").split()).rstrip(".")
+    said = f"{message} ({hint})" if hint else message
     if isinstance(exc, asyncpg.exceptions.InsufficientPrivilegeError):
-        return (f"the database refused: {exc}. This login's role does not allow this command: workers need "
+        return (f"the database refused: {said}. This login's role does not allow this command: workers need "
                 "a student (ganns_worker) login, the coordinator and control an instructor (ganns_coordinator) "
                 "one; see SECURITY.md")
     if isinstance(exc, (asyncpg.exceptions.ProgramLimitExceededError, asyncpg.exceptions.InvalidParameterValueError)):
-        return f"the database refused: {exc}"
+        return f"the database refused: {said}"
     if isinstance(exc, (asyncpg.exceptions.DiskFullError, asyncpg.exceptions.OutOfMemoryError,
                         asyncpg.exceptions.TooManyConnectionsError)):
-        return f"the database server is out of resources: {exc}; ask its admin to free some, then try again"
+        return f"the database server is out of resources: {said}; ask its admin to free some, then try again"
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
-        return (f"the database cancelled a query: {exc} (a student login's statement_timeout is 120 s; "
+        return (f"the database cancelled a query: {said} (a student login's statement_timeout is 120 s; "
                 "a very slow connection can hit it)")
     return None
 

@@ -1,0 +1,49 @@
+"""A server out of disk, memory or connection slots: one-shot commands say so in one line
+(the long-running ones wait it out: tests/acceptance/test_chaos.py)."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+import pytest
+
+from helpers import _run, assert_one_line_error, cli_in_process
+
+pytestmark = pytest.mark.usefixtures("keep_logging")
+
+DISK_FULL = """
+CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'could not extend file "base/16384/16415": No space left on device'
+        USING ERRCODE = 'disk_full', HINT = 'Check free disk space.';
+END $$;
+CREATE TRIGGER disk_full BEFORE UPDATE ON runs FOR EACH STATEMENT EXECUTE FUNCTION disk_full();
+"""
+
+
+async def _running_run_on_a_full_disk(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        run_id = await conn.fetchval("INSERT INTO runs (config, dataset_fingerprint, dataset_size, status) "
+                                     "VALUES ($1, 'fp', 100, 'running') RETURNING id", json.dumps({}))
+        await conn.execute(DISK_FULL)
+        return int(run_id)
+    finally:
+        await conn.close()
+
+
+async def _status(url: str, run_id: int) -> str:
+    conn = await asyncpg.connect(url)
+    try:
+        return str(await conn.fetchval("SELECT status FROM runs WHERE id = $1", run_id))
+    finally:
+        await conn.close()
+
+
+def test_control_on_a_full_disk_says_so_in_one_line(migrated_url: str) -> None:
+    run_id = _run(_running_run_on_a_full_disk(migrated_url))
+    r = cli_in_process("control", "pause", "--db", migrated_url)
+    assert_one_line_error(r, "the database server is out of resources", "No space left on device",
+                          "(Check free disk space)", "admin")
+    assert _run(_status(migrated_url, run_id)) == "running"
