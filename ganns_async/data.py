@@ -192,7 +192,7 @@ class ImageDataset:
         elif isinstance(exc, UnidentifiedImageError):
             why = "not a JPEG or PNG image"
         else:
-            why = str(exc) or type(exc).__name__
+            why = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise UserError(f"dataset {self.path} holds no image that can be decoded "
                         f"(checked {len(picks)} of {n}; {name}: {why})")
 
