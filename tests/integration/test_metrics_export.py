@@ -144,13 +144,13 @@ def test_a_login_without_a_class_role_gets_one_line(migrated_url: str) -> None:
     async def make() -> None:
         conn = await asyncpg.connect(migrated_url)
         try:
-            await conn.execute(f'CREATE ROLE "{name}" LOGIN')
+            await conn.execute(f'CREATE ROLE "{name}" LOGIN PASSWORD \'{name}-pw\'')
         finally:
             await conn.close()
 
     asyncio.run(make())
     try:
-        line = one_line_error(export("--csv", "-", db=login_url(migrated_url, name, None)))
+        line = one_line_error(export("--csv", "-", db=login_url(migrated_url, name, f"{name}-pw")))
         assert "may not read the metrics" in line and "instructor, viewer or student" in line
     finally:
         asyncio.run(drop_logins(migrated_url, [name]))
