@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import sys
@@ -139,6 +140,16 @@ def _run(fn: Callable[[], Any], *, interrupted_code: int = 130) -> None:
         raise typer.Exit(exc.exit_code) from None
     except (KeyboardInterrupt, asyncio.CancelledError):
         raise typer.Exit(interrupted_code) from None
+    except OSError as exc:
+        # A path that cannot be made, read or written (--out under a file, a full or
+        # read-only disk, no permission): the user's to fix, so one line naming it. Errors
+        # without a file name (the network's) are not this kind.
+        if exc.filename is None:
+            raise
+        if _state["debug"]:
+            traceback.print_exc()
+        typer.echo(f"error: {_path_problem(exc)}", err=True)
+        raise typer.Exit(2) from None
     except Exception as exc:
         refusal = _server_refusal(exc)
         if refusal is None:
@@ -147,6 +158,16 @@ def _run(fn: Callable[[], Any], *, interrupted_code: int = 130) -> None:
             traceback.print_exc()
         typer.echo(f"error: {refusal}", err=True)
         raise typer.Exit(2) from None
+
+
+def _path_problem(exc: OSError) -> str:
+    """``Not a directory: /x/y (check the path)`` for an OSError about a file."""
+    what = exc.strerror or type(exc).__name__
+    names = " -> ".join(str(n) for n in (exc.filename, exc.filename2) if n is not None)
+    hint = {errno.ENOSPC: "free some disk space", errno.EROFS: "choose a writable place",
+            errno.EACCES: "check its permissions", errno.EPERM: "check its permissions"}.get(exc.errno or 0,
+                                                                                        "check the path")
+    return f"{what}: {names} ({hint})"
 
 
 def _server_refusal(exc: BaseException) -> str | None:

@@ -66,6 +66,9 @@ def train_local(opts: LocalOptions) -> LocalResult:
     cfg.check()
     if cfg.auto_width:
         raise ValueError("train-local needs a fixed number of units per step (simulated workers), not auto")
+    # Make the folder now: an --out that cannot be one fails before any training, not at the
+    # first checkpoint.
+    opts.out.mkdir(parents=True, exist_ok=True)
     dataset = ImageDataset.open(opts.data)
     trainer = Trainer(cfg).to(opts.device)
     images_seen = 0

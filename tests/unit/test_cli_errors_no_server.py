@@ -149,3 +149,14 @@ def test_train_local_on_files_that_are_not_images(tmp_path: Path) -> None:
     r = cli_in_process("train-local", "--data", str(tmp_path), "--max-steps", "1", "--out", str(out))
     assert_one_line_error(r, "holds no image that can be decoded", "000001.jpg", "not a JPEG or PNG image")
     assert not (out / "checkpoint_latest.pth").exists()
+
+
+def test_an_output_path_that_cannot_be_made_is_one_line_before_training(synth_zip: Path, tmp_path: Path) -> None:
+    """--out under a file: one line naming the path, no traceback, and no training first."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    r = cli_in_process("train-local", "--data", str(synth_zip), "--out", str(blocker / "run"), "--max-steps", "1")
+    assert_one_line_error(r, "Not a directory", str(blocker / "run"), "check the path")
+    assert "step 1" not in r.stdout
+    r = cli_in_process("data", "synth", "--out", str(blocker / "faces.zip"), "--count", "4")
+    assert_one_line_error(r, str(blocker))
