@@ -496,3 +496,23 @@ async def require_migrated_at(url: str) -> None:
         await require_migrated(db)
     finally:
         await db.close()
+
+
+# --- faults injected through the server ---------------------------------------------
+
+def disk_full_sql(*tables: str) -> str:
+    """SQL that makes every write to ``tables`` fail as PostgreSQL fails a write that cannot
+    extend a file on a full disk (SQLSTATE 53100, its message and hint), until
+    :data:`SPACE_AGAIN`. Triggers, since a really full disk would stop the test's own
+    queries too."""
+    return """
+CREATE FUNCTION test_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'could not extend file "base/16384/16415": No space left on device'
+        USING ERRCODE = 'disk_full', HINT = 'Check free disk space.';
+END $$;
+""" + "".join(f"CREATE TRIGGER test_disk_full BEFORE INSERT OR UPDATE OR DELETE ON {t} "
+              "FOR EACH STATEMENT EXECUTE FUNCTION test_disk_full();\n" for t in tables)
+
+
+SPACE_AGAIN = "DROP FUNCTION test_disk_full() CASCADE"

@@ -31,7 +31,7 @@ import torch
 # pytest puts tests/acceptance (it has no __init__.py) on sys.path
 import forkserver
 from chaos import CutProxy, PrivateServer
-from helpers import Process
+from helpers import SPACE_AGAIN, Process, disk_full_sql
 from ganns_async.local import LocalOptions, train_local
 from ganns_async.migrate import migrate
 from ganns_async.model_card import discriminator_parameters, generator_parameters
@@ -406,18 +406,8 @@ def test_output_folder_unwritable_for_a_while(cluster: Cluster, expected: dict[s
     assert any("written again" in m for m in cluster.events("files"))
 
 
-# What PostgreSQL raises when a write cannot extend a file on a full disk. A trigger on every
-# table raises it, since a really full disk would also stop the test's own queries.
+# Every table a run writes: a full disk fails them all.
 TABLES = ("runs", "weights", "workers", "work_units", "gradients", "rejections", "events", "metrics")
-DISK_FULL = """
-CREATE FUNCTION chaos_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'could not extend file "base/16384/16415": No space left on device'
-        USING ERRCODE = 'disk_full', HINT = 'Check free disk space.';
-END $$;
-""" + "".join(f"CREATE TRIGGER chaos_disk_full BEFORE INSERT OR UPDATE OR DELETE ON {t} "
-              "FOR EACH STATEMENT EXECUTE FUNCTION chaos_disk_full();\n" for t in TABLES)
-SPACE_AGAIN = "DROP FUNCTION chaos_disk_full() CASCADE"
 
 
 def test_database_disk_full_for_a_while(cluster: Cluster, expected: dict[str, torch.Tensor]) -> None:
@@ -428,7 +418,7 @@ def test_database_disk_full_for_a_while(cluster: Cluster, expected: dict[str, to
     cluster.start_workers("w1", "w2")
     cluster.wait_step(1)
     with cluster.hold("w1", "w2"):
-        cluster.execute_ddl(DISK_FULL)
+        cluster.execute_ddl(disk_full_sql(*TABLES))
     cluster.wait_until("every process to meet the full disk", lambda: all(
         "DiskFullError: could not extend file" in cluster.log(name) for name in ("coordinator", "w1", "w2")))
     assert cluster.step() < STEPS

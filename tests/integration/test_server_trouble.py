@@ -8,18 +8,9 @@ import json
 import asyncpg
 import pytest
 
-from helpers import _run, assert_one_line_error, cli_in_process
+from helpers import _run, assert_one_line_error, cli_in_process, disk_full_sql
 
 pytestmark = pytest.mark.usefixtures("keep_logging")
-
-DISK_FULL = """
-CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'could not extend file "base/16384/16415": No space left on device'
-        USING ERRCODE = 'disk_full', HINT = 'Check free disk space.';
-END $$;
-CREATE TRIGGER disk_full BEFORE UPDATE ON runs FOR EACH STATEMENT EXECUTE FUNCTION disk_full();
-"""
 
 
 async def _running_run_on_a_full_disk(url: str) -> int:
@@ -27,7 +18,7 @@ async def _running_run_on_a_full_disk(url: str) -> int:
     try:
         run_id = await conn.fetchval("INSERT INTO runs (config, dataset_fingerprint, dataset_size, status) "
                                      "VALUES ($1, 'fp', 100, 'running') RETURNING id", json.dumps({}))
-        await conn.execute(DISK_FULL)
+        await conn.execute(disk_full_sql("runs"))
         return int(run_id)
     finally:
         await conn.close()
