@@ -8,7 +8,7 @@ import json
 import asyncpg
 import pytest
 
-from helpers import _run, assert_one_line_error, cli_in_process, disk_full_sql
+from helpers import _fetch, _run, assert_one_line_error, cli_in_process, disk_full_sql
 
 pytestmark = pytest.mark.usefixtures("keep_logging")
 
@@ -24,17 +24,9 @@ async def _running_run_on_a_full_disk(url: str) -> int:
         await conn.close()
 
 
-async def _status(url: str, run_id: int) -> str:
-    conn = await asyncpg.connect(url)
-    try:
-        return str(await conn.fetchval("SELECT status FROM runs WHERE id = $1", run_id))
-    finally:
-        await conn.close()
-
-
 def test_control_on_a_full_disk_says_so_in_one_line(migrated_url: str) -> None:
     run_id = _run(_running_run_on_a_full_disk(migrated_url))
     r = cli_in_process("control", "pause", "--db", migrated_url)
     assert_one_line_error(r, "the database server is out of resources", "No space left on device",
                           "(Check free disk space)", "admin")
-    assert _run(_status(migrated_url, run_id)) == "running"
+    assert _run(_fetch(migrated_url, "SELECT status FROM runs WHERE id = $1", run_id))[0]["status"] == "running"

@@ -7,12 +7,14 @@ checked in tests/acceptance/test_cli_startup.py, where a fresh interpreter can t
 from __future__ import annotations
 
 import importlib.metadata
+import logging
+import sys
 import tomllib
 
 import pytest
 from typer.testing import CliRunner
 
-from ganns_async import __version__
+from ganns_async import __version__, cli
 from ganns_async.cli import app
 from helpers import REPO
 
@@ -69,12 +71,6 @@ def test_hub_library_messages_are_printed_once(capsys: pytest.CaptureFixture[str
     """huggingface_hub installs a stderr handler of its own and also lets records reach the
     root logger; the CLI keeps only its own, so a download retry is one line, not two (the
     second one across the dashboard)."""
-    import logging
-
-    from ganns_async import cli
-
-    import sys
-
     import huggingface_hub.utils.logging  # noqa: F401 - what a download imports
 
     hub_logger = logging.getLogger("huggingface_hub")
